@@ -1,0 +1,1 @@
+"""kd_lightning: knowledge distillation on PyTorch Lightning."""

@@ -1,0 +1,66 @@
+"""Response-based loss modules: soft targets (Hinton 2015), hard labels, logit matching (Ba & Caruana 2014).
+
+Every loss in :mod:`kd_lightning.losses` follows one contract: ``forward(*, student, teacher,
+target=None)``, keyword-only, student first, returning a scalar. Weights and warm-up live in
+:class:`kd_lightning.methods.LossTerm`, not in the losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kd_lightning.functional.soft_target import (
+    hard_label_cross_entropy,
+    logit_matching_mse,
+    soft_target_kl,
+)
+
+
+class SoftTargetKLLoss(nn.Module):
+    """Soft-target distillation: ``T^2 * KL(softmax(v/T) || softmax(z/T))`` (Hinton et al. 2015).
+
+    Args:
+        temperature: softening temperature T; must be > 0. Hinton et al. use 1-20; CIFAR
+            protocols use 4.
+        scale_by_t2: multiply by T^2 so the gradient scale does not depend on T.
+    """
+
+    uses_teacher = True
+
+    def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0, got {temperature}. Use e.g. temperature: 4.0 "
+                "(values in 1-20 are common)."
+            )
+        self.temperature = float(temperature)
+        self.scale_by_t2 = scale_by_t2
+
+    def forward(
+        self, *, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return soft_target_kl(student, teacher, self.temperature, self.scale_by_t2)
+
+
+class HardLabelCrossEntropy(nn.Module):
+    """Cross-entropy with the hard labels; samples with ``target == -1`` (unlabeled) are ignored."""
+
+    uses_teacher = False
+
+    def forward(
+        self, *, student: torch.Tensor, teacher: torch.Tensor | None = None, target: torch.Tensor
+    ) -> torch.Tensor:
+        return hard_label_cross_entropy(student, target)
+
+
+class LogitMatchingMSELoss(nn.Module):
+    """Logit regression ``1/2 ||z - v||^2`` (Ba & Caruana 2014): Hinton's high-temperature limit."""
+
+    uses_teacher = True
+
+    def forward(
+        self, *, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return logit_matching_mse(student, teacher)
