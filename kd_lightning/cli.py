@@ -1,0 +1,87 @@
+"""The console entry point ``kd-lightning`` (also ``python -m kd_lightning``).
+
+``kd-lightning fit|validate|test|predict -c experiments/<data>/<method>.yaml`` is LightningCLI
+over every :class:`~kd_lightning.methods.DistillationModule` and
+:class:`~kd_lightning.data.TransferSetDataModule`. ``kd-lightning study <study.yaml>`` runs a
+research study (configs x seeds -> results table), see :mod:`kd_lightning.bench.study`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from kd_lightning.data import TransferSetDataModule
+from kd_lightning.methods import DistillationModule
+from kd_lightning.models.spec import _import_class, instantiate
+
+
+def _accepts_num_classes(class_path: str) -> bool:
+    try:
+        cls = _import_class(class_path)
+    except ImportError:
+        return False
+    return "num_classes" in inspect.signature(cls.__init__).parameters
+
+
+def link_num_classes(node: Any, num_classes: int) -> None:
+    """Set ``num_classes`` in every class spec under ``node`` whose class takes that argument.
+
+    LightningCLI's ``link_arguments`` needs a fixed target path; methods hold their models under
+    different names (``student``, ``model``, a list of peers, a chain of assistants), so the link
+    from ``data.num_classes`` walks the model config instead. Like a LightningCLI link, the data
+    decides: a value given for a model is replaced.
+    """
+    if isinstance(node, Namespace):
+        class_path = node.get("class_path")
+        init_args = node.get("init_args")
+        if class_path and isinstance(init_args, Namespace) and _accepts_num_classes(class_path):
+            init_args["num_classes"] = num_classes
+        for value in vars(node).values():
+            link_num_classes(value, num_classes)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            link_num_classes(item, num_classes)
+
+
+class KDLightningCLI(LightningCLI):
+    """LightningCLI for distillation: any method, any transfer set, ``num_classes`` from the data."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data_config = config.get("data")
+        if data_config is None or config.get("model") is None:
+            return
+        # A datamodule knows num_classes at construction and reads no data there: cheap to build.
+        datamodule = instantiate(data_config.as_dict())
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is not None:
+            link_num_classes(config["model"], num_classes)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run the CLI: ``study`` goes to the study runner, everything else to LightningCLI."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "study":
+        from kd_lightning.bench.study import main as study_main
+
+        study_main(argv[1:])
+        return
+    KDLightningCLI(
+        DistillationModule,
+        TransferSetDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

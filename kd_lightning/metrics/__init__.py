@@ -1,0 +1,5 @@
+"""torchmetrics Metrics for distillation."""
+
+from kd_lightning.metrics.agreement import TeacherStudentKL, TopOneAgreement
+
+__all__ = ["TeacherStudentKL", "TopOneAgreement"]
