@@ -63,10 +63,15 @@ def _crd_core(
     index: torch.Tensor,
     negative_index: torch.Tensor,
     temperature: float,
-    log_normalizer_student: torch.Tensor | None,
-    log_normalizer_teacher: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and the two ``log Z`` used (given, or estimated from this batch when ``None``)."""
+    log_normalizer: torch.Tensor | None,
+    log_normalizer_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and the ``(log Z_student, log Z_teacher)`` it used.
+
+    ``log_normalizer`` is used where ``log_normalizer_valid`` (a bool tensor, default True) is
+    set, otherwise ``log Z`` is estimated from this batch; chosen with ``torch.where``, so a
+    module can keep "estimate once" state without a host sync.
+    """
     if student_memory.shape != teacher_memory.shape:
         raise ValueError(
             f"CRD memory banks differ: {tuple(student_memory.shape)} vs "
@@ -77,14 +82,18 @@ def _crd_core(
     # Student anchor against teacher memory, and teacher anchor against student memory.
     scores_s = _log_scores(student_embedding, teacher_memory, contrast_index, temperature)
     scores_t = _log_scores(teacher_embedding, student_memory, contrast_index, temperature)
-    if log_normalizer_student is None:
-        log_normalizer_student = _estimate_log_normalizer(scores_s, n_data)
-    if log_normalizer_teacher is None:
-        log_normalizer_teacher = _estimate_log_normalizer(scores_t, n_data)
-    loss = _nce(scores_s, log_normalizer_student, n_data) + _nce(
-        scores_t, log_normalizer_teacher, n_data
+    log_z = torch.stack(
+        [_estimate_log_normalizer(scores_s, n_data), _estimate_log_normalizer(scores_t, n_data)]
     )
-    return loss, log_normalizer_student, log_normalizer_teacher
+    if log_normalizer is not None:
+        given = log_normalizer.to(log_z)
+        log_z = (
+            given
+            if log_normalizer_valid is None
+            else torch.where(log_normalizer_valid, given, log_z)
+        )
+    loss = _nce(scores_s, log_z[0], n_data) + _nce(scores_t, log_z[1], n_data)
+    return loss, log_z
 
 
 def crd_nce_loss(
@@ -95,8 +104,7 @@ def crd_nce_loss(
     index: torch.Tensor,
     negative_index: torch.Tensor,
     temperature: float = 0.07,
-    log_normalizer_student: torch.Tensor | None = None,
-    log_normalizer_teacher: torch.Tensor | None = None,
+    log_normalizer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Contrastive representation distillation loss (Tian et al., ICLR 2020), both directions.
 
@@ -115,23 +123,23 @@ def crd_nce_loss(
     computed twice and summed: the student embedding against the teacher memory bank (rows
     ``index`` as the positive, ``negative_index`` as negatives), and the teacher embedding
     against the student memory bank. :math:`Z` is a constant normaliser: the authors estimate it
-    once as :math:`M \cdot \mathrm{mean}(e^{\cdot/\tau})` of the first batch; pass the stored
+    once as :math:`M \cdot \mathrm{mean}(e^{\cdot/\tau})` on the first batch; pass the stored
     ``log Z`` values, or ``None`` to estimate them from this batch. The logarithms are evaluated
     as softplus of log-ratios (exact, without the reference implementation's epsilon).
 
     Args:
         student_embedding: ``(B, D)`` unit-norm student embeddings (trainable).
-        teacher_embedding: ``(B, D)`` unit-norm teacher embeddings (trainable head on a detached
-            teacher feature).
+        teacher_embedding: ``(B, D)`` unit-norm teacher embeddings (a trainable head on a
+            detached teacher feature).
         student_memory: ``(M, D)`` memory bank of student embeddings.
         teacher_memory: ``(M, D)`` memory bank of teacher embeddings.
         index: ``(B,)`` long, each sample's row in the memory banks.
         negative_index: ``(B, N)`` long, rows of the negatives (see :func:`sample_negatives`).
         temperature: :math:`\tau` (paper: 0.07).
-        log_normalizer_student: :math:`\log Z` of the student-anchored scores, or ``None``.
-        log_normalizer_teacher: :math:`\log Z` of the teacher-anchored scores, or ``None``.
+        log_normalizer: ``(2,)``: :math:`\log Z` of the student-anchored and of the
+            teacher-anchored scores, or ``None`` to estimate both from this batch.
     """
-    loss, _, _ = _crd_core(
+    loss, _ = _crd_core(
         student_embedding,
         teacher_embedding,
         student_memory,
@@ -139,7 +147,6 @@ def crd_nce_loss(
         index,
         negative_index,
         temperature,
-        log_normalizer_student,
-        log_normalizer_teacher,
+        log_normalizer,
     )
     return loss

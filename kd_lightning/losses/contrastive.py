@@ -122,8 +122,7 @@ class CRDLoss(nn.Module):
         v_t = self._embed(self.embed_teacher, teacher.detach(), "teacher")
         negatives = sample_negatives(index, self.n_data, self.num_negatives)
 
-        stored = self.log_normalizer.unbind(0)
-        loss, log_z_s, log_z_t = _crd_core(
+        loss, log_z = _crd_core(
             v_s,
             v_t,
             self.memory_student,
@@ -131,9 +130,19 @@ class CRDLoss(nn.Module):
             index,
             negatives,
             self.nce_t,
-            None,
-            None,
+            self.log_normalizer,
+            self.normalizer_set,
         )
-        if True:
-            pass
-        return loss, stored, log_z_s, log_z_t  # placeholder, replaced below
+        if self.training:
+            with torch.no_grad():
+                self.log_normalizer.copy_(log_z)
+                self.normalizer_set.fill_(True)
+                self._update_memory(self.memory_student, index, v_s)
+                self._update_memory(self.memory_teacher, index, v_t)
+        return loss
+
+    def _update_memory(
+        self, memory: torch.Tensor, index: torch.Tensor, embedding: torch.Tensor
+    ) -> None:
+        mixed = memory[index] * self.momentum + embedding.detach().to(memory) * (1 - self.momentum)
+        memory.index_copy_(0, index, F.normalize(mixed, dim=1))
