@@ -27,7 +27,7 @@ from kd_lightning.models.cifar.resnet import (
 )
 from kd_lightning.models.cifar.shufflenet import ShuffleNetV1, ShuffleNetV2
 from kd_lightning.models.cifar.vgg import VGG8, VGG13, CifarVGG
-from kd_lightning.models.cifar.wrn import WRN16x2, WRN40x1, WRN40x2, WideResNet
+from kd_lightning.models.cifar.wrn import WideResNet, WRN16x2, WRN40x1, WRN40x2
 
 #: CRD's model names -> classes (each builds with ``cls(num_classes=...)``).
 CIFAR_MODELS: dict[str, type[nn.Module]] = {

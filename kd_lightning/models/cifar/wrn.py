@@ -79,7 +79,9 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+            raise ValueError(
+                f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}"
+            )
         if widen_factor < 1:
             raise ValueError(f"widen_factor must be >= 1, got {widen_factor}")
         blocks_per_group = (depth - 4) // 6
