@@ -1,0 +1,149 @@
+"""Contract tests run over every loss of the catalogue: a new loss is tested the moment it is listed.
+
+1. Gradients reach the student's inputs and the loss's own trainable parameters, never the
+   teacher's (a teacher tensor that requires grad keeps ``.grad is None``).
+2. Under bfloat16 autocast with bfloat16 inputs the loss is a finite float32 scalar close to
+   its float32 value on the same (bf16-rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from kd_lightning.losses.contrastive import CRDLoss
+from kd_lightning.losses.feature import (
+    AttentionTransferLoss,
+    FitNetsHintLoss,
+    FSPLoss,
+    NSTLoss,
+    VIDLoss,
+)
+from kd_lightning.losses.relation import (
+    CorrelationCongruenceLoss,
+    PKTLoss,
+    RKDLoss,
+    SimilarityPreservingLoss,
+)
+from kd_lightning.losses.response import DISTLoss, DKDLoss, LogitStandardizationKDLoss
+from kd_lightning.losses.soft_target import (
+    HardLabelCrossEntropy,
+    LogitMatchingMSELoss,
+    SoftTargetKLLoss,
+)
+
+B = 6
+LOGITS = [(B, 5)]
+MAPS_S, MAPS_T = [(B, 3, 4, 4)], [(B, 5, 4, 4)]
+EMBED_S, EMBED_T = [(B, 8)], [(B, 12)]
+
+
+@dataclass
+class Case:
+    make: Callable[[], nn.Module]
+    student: list[tuple[int, ...]]
+    teacher: list[tuple[int, ...]] | None
+    pair: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+CASES = {
+    "soft_target_kl": Case(SoftTargetKLLoss, LOGITS, LOGITS),
+    "hard_label_ce": Case(HardLabelCrossEntropy, LOGITS, None),
+    "logit_matching_mse": Case(LogitMatchingMSELoss, LOGITS, LOGITS),
+    "dkd": Case(DKDLoss, LOGITS, LOGITS),
+    "logit_standardization": Case(LogitStandardizationKDLoss, LOGITS, LOGITS),
+    "dist": Case(DISTLoss, LOGITS, LOGITS),
+    "fitnets": Case(FitNetsHintLoss, MAPS_T, MAPS_T),
+    "attention_transfer": Case(AttentionTransferLoss, MAPS_S, MAPS_T),
+    "nst": Case(NSTLoss, MAPS_S, MAPS_T),
+    "fsp": Case(FSPLoss, [(B, 3, 4, 4), (B, 2, 4, 4)], [(B, 3, 2, 2), (B, 2, 2, 2)], pair=True),
+    "vid": Case(lambda: VIDLoss(student_channels=3, teacher_channels=5), MAPS_S, MAPS_T),
+    "rkd": Case(RKDLoss, EMBED_S, EMBED_T),
+    "similarity_preserving": Case(SimilarityPreservingLoss, MAPS_S, MAPS_T),
+    "correlation_congruence": Case(CorrelationCongruenceLoss, EMBED_S, EMBED_T),
+    "correlation_congruence_bilinear": Case(
+        lambda: CorrelationCongruenceLoss(kernel="bilinear"), EMBED_S, EMBED_T
+    ),
+    "pkt": Case(PKTLoss, EMBED_S, EMBED_T),
+    "crd": Case(
+        lambda: CRDLoss(student_dim=8, teacher_dim=12, n_data=20, feat_dim=4, num_negatives=10),
+        EMBED_S,
+        EMBED_T,
+        extra={"index": torch.tensor([3, 0, 19, 7, 12, 5])},
+    ),
+}
+
+# The soft-target cores (kd_lightning/functional/soft_target.py) do not detach the teacher yet.
+_NO_DETACH = pytest.mark.xfail(
+    strict=True, reason="soft_target.py cores must call teacher.detach() (owned by the lead)"
+)
+TEACHER_GRAD_PARAMS = [
+    pytest.param(name, marks=_NO_DETACH if name in {"soft_target_kl", "logit_matching_mse"} else ())
+    for name in CASES
+]
+
+
+def _inputs(shapes, dtype=torch.float32, requires_grad=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (2 * torch.randn(shape, generator=generator)).to(dtype).requires_grad_(requires_grad)
+        for shape in shapes
+    ]
+
+
+def _call(loss: nn.Module, case: Case, student: list, teacher: list | None) -> torch.Tensor:
+    pack = (lambda xs: xs) if case.pair else (lambda xs: xs[0])
+    return loss(
+        student=pack(student),
+        teacher=None if teacher is None else pack(teacher),
+        target=torch.tensor([0, 4, -1, 2, 1, 3]),
+        **case.extra,
+    )
+
+
+@pytest.mark.parametrize("name", TEACHER_GRAD_PARAMS)
+def test_gradient_reaches_student_and_loss_parameters_never_teacher(name):
+    case = CASES[name]
+    torch.manual_seed(0)
+    loss = case.make()
+    assert loss.uses_teacher is (case.teacher is not None)
+    student = _inputs(case.student, requires_grad=True)
+    teacher = None if case.teacher is None else _inputs(case.teacher, requires_grad=True, seed=1)
+    value = _call(loss, case, student, teacher)
+    assert value.shape == () and value.dtype == torch.float32
+    value.backward()
+    for tensor in student:
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+        assert tensor.grad.abs().sum() > 0
+    for param_name, param in loss.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+    for tensor in teacher or []:
+        assert tensor.grad is None
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bfloat16_autocast_gives_a_float32_value_close_to_full_precision(name):
+    case = CASES[name]
+    torch.manual_seed(0)
+    loss = case.make()
+    student = _inputs(case.student, dtype=torch.bfloat16)
+    teacher = None if case.teacher is None else _inputs(case.teacher, torch.bfloat16, seed=1)
+
+    torch.manual_seed(1)  # same CRD negatives in both runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _call(copy.deepcopy(loss), case, student, teacher)
+    torch.manual_seed(1)
+    full = _call(
+        copy.deepcopy(loss),
+        case,
+        [x.float() for x in student],
+        None if teacher is None else [x.float() for x in teacher],
+    )
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert low.item() == pytest.approx(full.item(), rel=5e-2, abs=1e-3)
