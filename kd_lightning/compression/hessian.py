@@ -133,9 +133,7 @@ def exact_hessian_diagonal(
                         diag[start:stop] = block.reshape(stop - start, n)[rows - start, rows]
             else:
                 for k in range(n):
-                    (row,) = torch.autograd.grad(
-                        g_flat[k], p, retain_graph=True, allow_unused=True
-                    )
+                    (row,) = torch.autograd.grad(g_flat[k], p, retain_graph=True, allow_unused=True)
                     if row is not None:
                         diag[k] = row.reshape(-1)[k]
         diagonals.append(diag.reshape(p.shape).detach())
