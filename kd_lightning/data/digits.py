@@ -60,11 +60,16 @@ class DigitsTransferSet(TransferSetDataModule):
         x, y = load_digits(return_X_y=True)
         images = torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
         labels = torch.as_tensor(y, dtype=torch.long)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        order = torch.randperm(
+            len(labels), generator=torch.Generator().manual_seed(self.split_seed)
+        )
         test = order[: self.test_size]
         val = order[self.test_size : self.test_size + self.val_size]
         train = order[self.test_size + self.val_size :]
-        return {name: (images[idx], labels[idx]) for name, idx in [("train", train), ("val", val), ("test", test)]}
+        return {
+            name: (images[idx], labels[idx])
+            for name, idx in [("train", train), ("val", val), ("test", test)]
+        }
 
     def load_split(self, split: str) -> Split:
         if self._splits is None:

@@ -37,7 +37,7 @@ def soft_target_kl(
         scalar: batch-mean KL(teacher || student), times T^2.
     """
     log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
     return kl * temperature**2 if scale_by_t2 else kl
 
@@ -66,5 +66,5 @@ def logit_matching_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     The 1/2 makes the gradient exactly :math:`z_i - v_i`, the high-temperature limit of the
     soft-target gradient times :math:`N T^2` for zero-mean logits (Hinton et al. 2015, sec. 2.1).
     """
-    diff = student.float() - teacher.float()
+    diff = student.float() - teacher.detach().float()
     return 0.5 * diff.pow(2).sum(dim=-1).mean()

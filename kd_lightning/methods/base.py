@@ -137,7 +137,7 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ template
     @property
     def student(self) -> nn.Module:
-        return getattr(self, "_student_module")
+        return self._student_module
 
     @student.setter
     def student(self, module: nn.Module) -> None:
@@ -151,7 +151,9 @@ class DistillationModule(L.LightningModule):
         """Run the models; return at least ``{"student": logits}`` and ``"teacher"`` (logits or None)."""
         raise NotImplementedError
 
-    def compute_losses(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         """Return ``{"loss": total, <term>: value, ...}``."""
         raise NotImplementedError
 
@@ -160,14 +162,22 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ metrics
     def configure_metrics(self, num_classes: int) -> None:
-        student = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)})
+        student = MetricCollection(
+            {"acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)}
+        )
         teacher = MetricCollection({"agreement": TopOneAgreement(), "kl": TeacherStudentKL()})
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
-        self.student_metrics = nn.ModuleDict({f"{s}_metrics": student.clone(prefix=f"{s}/") for s in STAGES})
-        self.teacher_metrics = nn.ModuleDict({f"{s}_metrics": teacher.clone(prefix=f"{s}/") for s in STAGES})
+        self.student_metrics = nn.ModuleDict(
+            {f"{s}_metrics": student.clone(prefix=f"{s}/") for s in STAGES}
+        )
+        self.teacher_metrics = nn.ModuleDict(
+            {f"{s}_metrics": teacher.clone(prefix=f"{s}/") for s in STAGES}
+        )
         self._metrics_ready = True
 
-    def log_metrics(self, stage: str, student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor) -> None:
+    def log_metrics(
+        self, stage: str, student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor
+    ) -> None:
         metrics = self.student_metrics[f"{stage}_metrics"]
         metrics.update(student.detach(), target)
         self.log_dict(metrics, on_step=False, on_epoch=True)
@@ -182,7 +192,10 @@ class DistillationModule(L.LightningModule):
         outputs = self.forward_models(batch)
         losses = self.compute_losses(outputs, batch)
         batch_size = batch["target"].shape[0]
-        logged = {f"{stage}/loss" if k == "loss" else f"{stage}/loss_{k}": v.detach() for k, v in losses.items()}
+        logged = {
+            f"{stage}/loss" if k == "loss" else f"{stage}/loss_{k}": v.detach()
+            for k, v in losses.items()
+        }
         self.log_dict(
             logged,
             on_step=stage == "train",
@@ -210,7 +223,9 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ start-up checks
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = (
+            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        )
         data_classes = getattr(datamodule, "num_classes", None)
         if self.num_classes is None:
             self.num_classes = data_classes
@@ -263,16 +278,25 @@ class DistillationModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor},
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def frozen_prefixes(self) -> list[str]:
-        return [f"{name}." for name, module in self.named_modules() if name and isinstance(module, FrozenTeacher)]
+        return [
+            f"{name}."
+            for name, module in self.named_modules()
+            if name and isinstance(module, FrozenTeacher)
+        ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = tuple(self.frozen_prefixes())
         if prefixes:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
+            }
         spec = self.hparams.get(self.student_arg)
         checkpoint[CHECKPOINT_KEY] = {
             "student_spec": spec if isinstance(spec, dict) else model_spec(self.student),
@@ -289,10 +313,16 @@ class DistillationModule(L.LightningModule):
             checkpoint["state_dict"].update(own)
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+    def load_from_checkpoint(
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs
+    ):
         """Load a trained method; frozen teachers default to ``None`` so the student loads alone."""
         for name in cls.frozen_model_args:
             kwargs.setdefault(name, None)
         return super().load_from_checkpoint(
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            **kwargs,
         )

@@ -91,6 +91,10 @@ class LossTerm(nn.Module):
         s = self._select(self.student_source, student)
         if self.connector is not None:
             s = self.connector(s)
-        t = self._select(self.teacher_source, teacher) if self.uses_teacher and teacher is not None else None
+        t = (
+            self._select(self.teacher_source, teacher)
+            if self.uses_teacher and teacher is not None
+            else None
+        )
         kwargs = {"index": index} if self.takes_index else {}
         return self.loss(student=s, teacher=t, target=target, **kwargs)

@@ -13,10 +13,19 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from kd_lightning.connectors import suggest_connector
+from kd_lightning.features import FeatureCapture, _eval_mode
 from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, _default_optimizer
-from kd_lightning.methods.loss_term import LossTerm
+from kd_lightning.methods.loss_term import LOGITS, LossTerm
 from kd_lightning.teachers import output_logits
+
+
+def _layers(terms: list[LossTerm], side: str) -> list[str]:
+    names: list[str] = []
+    for term in terms:
+        names += [n for n in term.layer_names(side) if n not in names]
+    return names
 
 
 def hinton_loss_terms(temperature: float = 4.0, alpha: float = 0.9) -> list[LossTerm]:
@@ -62,13 +71,35 @@ class OfflineDistillation(DistillationModule):
         self.teacher = self.freeze_teacher(teacher)
         terms = loss_terms if loss_terms is not None else hinton_loss_terms()
         if not terms:
-            raise ValueError("loss_terms is empty: give at least one LossTerm (e.g. soft targets + CE)")
+            raise ValueError(
+                "loss_terms is empty: give at least one LossTerm (e.g. soft targets + CE)"
+            )
         names = [t.name for t in terms]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"loss term names must be unique; {duplicates} appear twice: set `name:` on each term")
+            raise ValueError(
+                f"loss term names must be unique; {duplicates} appear twice: set `name:` on each term"
+            )
         self.loss_terms = nn.ModuleList(terms)
         self.needs_teacher = any(t.uses_teacher for t in terms)
+        # Hooks exist only inside a step (FeatureCapture is a context manager); layer names are
+        # checked now, at construction, with the nearest valid names in the error.
+        student_layers = _layers(terms, "student")
+        self.student_capture = (
+            FeatureCapture(self.student, student_layers, model_name="student")
+            if student_layers
+            else None
+        )
+        teacher_layers = [n for t in terms if t.uses_teacher for n in t.layer_names("teacher")]
+        teacher_layers = list(dict.fromkeys(teacher_layers))
+        if teacher_layers and self.teacher is None:
+            self.teacher_capture = None  # inference-only load: features are not needed
+        else:
+            self.teacher_capture = (
+                FeatureCapture(self.teacher.module, teacher_layers, model_name="teacher")
+                if teacher_layers
+                else None
+            )
 
     def named_output_models(self) -> list[tuple[str, nn.Module]]:
         models = [("student", self.student)]
@@ -83,6 +114,34 @@ class OfflineDistillation(DistillationModule):
                 "(e.g. class_path: kd_lightning.teachers.PretrainedTeacher with a checkpoint_path), "
                 "or attach a teacher-output cache to the data"
             )
+        # Dry run of the whole objective on a tiny batch: shape mismatches between (connected)
+        # student features and teacher features surface now, not deep inside training. Eval mode
+        # and no_grad: no BatchNorm statistics, memory banks or gradients are touched.
+        with torch.no_grad(), _eval_mode(self):
+            outputs = self.forward_models(example)
+            for term in self.loss_terms:
+                try:
+                    term(*self._knowledge(outputs), example.get("target"), example.get("index"))
+                except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
+                    raise ValueError(self._term_error(term, outputs, err)) from err
+
+    def _term_error(self, term: LossTerm, outputs: dict[str, Any], err: Exception) -> str:
+        student, teacher = self._knowledge(outputs)
+        message = f"loss term {term.name!r} cannot run on the example batch: {err}"
+        s_src, t_src = term.student_source, term.teacher_source
+        if (
+            isinstance(s_src, str)
+            and isinstance(t_src, str)
+            and teacher is not None
+            and term.connector is None
+        ):
+            s_shape, t_shape = tuple(student[s_src].shape), tuple(teacher[t_src].shape)
+            if s_shape[1:] != t_shape[1:]:
+                message += f". Student {s_src!r} gives {s_shape}, teacher {t_src!r} gives {t_shape}"
+                fix = suggest_connector(s_shape, t_shape)
+                if fix is not None:
+                    message += f"; add to the term `connector: {fix}`"
+        return message
 
     def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
         if "teacher_logits" in batch:
@@ -92,11 +151,33 @@ class OfflineDistillation(DistillationModule):
         return output_logits(self.teacher(batch["input"]))
 
     def forward_models(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"student": self(batch["input"]), "teacher": self.teacher_logits(batch)}
+        x = batch["input"]
+        outputs: dict[str, Any] = {"student_features": {}, "teacher_features": {}}
+        if self.student_capture is not None:
+            with self.student_capture as features:
+                outputs["student"] = self(x)
+            outputs["student_features"] = features
+        else:
+            outputs["student"] = self(x)
+        if self.teacher_capture is not None and "teacher_logits" not in batch:
+            with self.teacher_capture as features:
+                outputs["teacher"] = self.teacher_logits(batch)
+            outputs["teacher_features"] = features
+        else:
+            outputs["teacher"] = self.teacher_logits(batch)
+        return outputs
 
-    def compute_losses(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        student = {"logits": outputs["student"]}
-        teacher = {"logits": outputs["teacher"]} if outputs["teacher"] is not None else None
+    @staticmethod
+    def _knowledge(outputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        student = {LOGITS: outputs["student"], **outputs["student_features"]}
+        if outputs["teacher"] is None:
+            return student, None
+        return student, {LOGITS: outputs["teacher"], **outputs["teacher_features"]}
+
+    def compute_losses(
+        self, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        student, teacher = self._knowledge(outputs)
         target = batch.get("target")
         losses: dict[str, torch.Tensor] = {}
         total = outputs["student"].new_zeros((), dtype=torch.float32)

@@ -41,6 +41,8 @@ class Supervised(DistillationModule):
     def forward_models(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"student": self(batch["input"]), "teacher": None}
 
-    def compute_losses(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def compute_losses(
+        self, outputs: dict[str, Any], batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         ce = hard_label_cross_entropy(outputs["student"], batch["target"])
         return {"loss": ce, "ce": ce}

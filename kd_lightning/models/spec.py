@@ -40,7 +40,10 @@ def records_init_args(cls: type[nn.Module]) -> type[nn.Module]:
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
-            self.__dict__[SPEC_ATTRIBUTE] = {"class_path": class_path_of(self), "init_args": init_args}
+            self.__dict__[SPEC_ATTRIBUTE] = {
+                "class_path": class_path_of(self),
+                "init_args": init_args,
+            }
 
     cls.__init__ = __init__
     return cls
@@ -49,7 +52,11 @@ def records_init_args(cls: type[nn.Module]) -> type[nn.Module]:
 def model_spec(module: nn.Module) -> dict[str, Any] | None:
     """The spec a module was built with, or None when it cannot be known (a user's own model)."""
     spec = module.__dict__.get(SPEC_ATTRIBUTE)
-    return None if spec is None else {"class_path": spec["class_path"], "init_args": dict(spec["init_args"])}
+    return (
+        None
+        if spec is None
+        else {"class_path": spec["class_path"], "init_args": dict(spec["init_args"])}
+    )
 
 
 def _import_class(class_path: str) -> type:

@@ -79,14 +79,7 @@ CASES = {
     ),
 }
 
-# The soft-target cores (kd_lightning/functional/soft_target.py) do not detach the teacher yet.
-_NO_DETACH = pytest.mark.xfail(
-    strict=True, reason="soft_target.py cores must call teacher.detach() (owned by the lead)"
-)
-TEACHER_GRAD_PARAMS = [
-    pytest.param(name, marks=_NO_DETACH if name in {"soft_target_kl", "logit_matching_mse"} else ())
-    for name in CASES
-]
+TEACHER_GRAD_PARAMS = list(CASES)
 
 
 def _inputs(shapes, dtype=torch.float32, requires_grad=False, seed=0):
