@@ -23,8 +23,20 @@ from kd_lightning.compression.pruning import (
     sparsity_of,
     sparsity_schedule,
 )
+from kd_lightning.compression.quantization import (
+    convert_qat,
+    model_size_bytes,
+    prepare_qat,
+    quantize_dynamic_int8,
+    quantize_static_int8,
+)
 
 __all__ = [
+    "convert_qat",
+    "model_size_bytes",
+    "prepare_qat",
+    "quantize_dynamic_int8",
+    "quantize_static_int8",
     "apply_masks",
     "channel_saliency",
     "effective_parameters",

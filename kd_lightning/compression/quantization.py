@@ -1,0 +1,209 @@
+"""Int8 quantization of a trained student: dynamic and static post-training, and QAT.
+
+Built on ``torch.ao.quantization``, which ships with torch and needs no new dependency. It is
+marked deprecated (torch 2.13 warns that it moves to the separate ``torchao`` package:
+eager ``quantize_dynamic`` -> ``torchao.quantization.quantize_``, FX -> ``torchao`` PT2E), but
+works on CPU in torch 2.13. Those deprecation warnings are silenced inside these functions only,
+since a user cannot act on them; the migration is a change of this module, not of callers.
+
+* :func:`quantize_dynamic_int8`: weights stored in int8, activations quantized on the fly
+  per batch. ``Linear`` (and ``LSTM``/``GRU``) only: no calibration, the usual choice for MLPs
+  and transformers.
+* :func:`quantize_static_int8`: FX graph mode post-training static quantization with
+  calibration batches; quantizes ``Conv`` and ``Linear`` and fuses ``Conv-BN-ReLU``. The
+  model must be symbolically traceable (``torch.fx``): no data-dependent Python control flow.
+* :func:`prepare_qat` / :func:`convert_qat`: quantization-aware training (Jacob et al. 2018,
+  "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+  Inference"): fake-quantize modules simulate int8 rounding in the forward pass and pass
+  gradients straight through, so the student learns weights that survive quantization.
+
+The returned models run on the CPU quantized engine (``torch.backends.quantized.engine``,
+``x86`` / ``fbgemm`` on Intel/AMD, ``qnnpack`` on ARM). Every function works on a deep copy:
+the trained float model is left as it was. Pruning masks are baked into the copy first.
+
+Pure torch; never imports lightning.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from kd_lightning.compression.pruning import make_pruning_permanent
+
+__all__ = [
+    "convert_qat",
+    "model_size_bytes",
+    "prepare_qat",
+    "quantize_dynamic_int8",
+    "quantize_static_int8",
+]
+
+
+@contextmanager
+def _quiet_torch_ao():
+    # torch.ao.quantization warns at every call that it is deprecated in favour of torchao,
+    # and observers warn about their own reduce_range argument; neither is actionable here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
+        yield
+
+
+def _backend(backend: str | None) -> str:
+    engine = backend or torch.backends.quantized.engine
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported or engine == "none":
+        raise ValueError(
+            f"quantization backend {engine!r} is not available here; choose one of "
+            f"{[e for e in supported if e != 'none']}."
+        )
+    torch.backends.quantized.engine = engine
+    return engine
+
+
+def _float_copy(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
+    # A pruned tensor (orig * mask) computed with autograd is a non-leaf tensor, which
+    # deepcopy refuses; replace it by its detached value for the copy (the pruning hook
+    # recomputes it at the original's next forward).
+    for sub in model.modules():
+        for hook in sub._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(sub, hook._tensor_name, getattr(sub, hook._tensor_name).detach())
+    clone = copy.deepcopy(model)
+    make_pruning_permanent(clone)
+    return clone
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: the size of the weights on disk.
+
+    Includes the serialisation format's per-tensor overhead (~0.3 KB per tensor in torch's
+    zip format), which matters for very small models.
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def quantize_dynamic_int8(
+    model: nn.Module,
+    layer_types: Iterable[type[nn.Module]] = (nn.Linear,),
+    *,
+    backend: str | None = None,
+) -> nn.Module:
+    """Post-training dynamic quantization: int8 weights, activations quantized per batch.
+
+    Args:
+        model: trained float model (not modified).
+        layer_types: module types to quantize; ``Linear``, ``LSTM``, ``GRU`` are supported
+            by torch (convolutions are not: use :func:`quantize_static_int8`).
+        backend: quantized engine, default the current ``torch.backends.quantized.engine``.
+
+    Returns:
+        An eval-mode quantized copy taking and returning float tensors.
+    """
+    _backend(backend)
+    clone = _float_copy(model).eval()
+    with _quiet_torch_ao():
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(clone, set(layer_types), dtype=torch.qint8, inplace=True)
+
+
+def _as_args(example_input: Tensor | tuple) -> tuple:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def quantize_static_int8(
+    model: nn.Module,
+    example_input: Tensor | tuple,
+    calibration_batches: Iterable[Tensor | tuple],
+    *,
+    backend: str | None = None,
+) -> nn.Module:
+    """Post-training static quantization (FX graph mode) calibrated on sample batches.
+
+    Observers record activation ranges while ``calibration_batches`` run through the model;
+    then Conv/Linear (fused with a following BatchNorm/ReLU) become int8 kernels.
+
+    Args:
+        model: trained float model (not modified); must be traceable by ``torch.fx``.
+        example_input: one input (or tuple of inputs) used to trace the model.
+        calibration_batches: inputs (or tuples) representative of deployment data, e.g. a
+            few hundred transfer-set samples.
+        backend: quantized engine, default the current one.
+
+    Returns:
+        An eval-mode quantized ``GraphModule`` taking and returning float tensors.
+    """
+    engine = _backend(backend)
+    clone = _float_copy(model).eval()
+    with _quiet_torch_ao():
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        prepared = prepare_fx(clone, get_default_qconfig_mapping(engine), _as_args(example_input))
+        seen = 0
+        with torch.no_grad():
+            for batch in calibration_batches:
+                prepared(*_as_args(batch))
+                seen += 1
+        if seen == 0:
+            raise ValueError(
+                "calibration_batches is empty: static quantization needs at least one batch "
+                "to observe activation ranges."
+            )
+        return convert_fx(prepared)
+
+
+def prepare_qat(
+    model: nn.Module, example_input: Tensor | tuple, *, backend: str | None = None
+) -> nn.Module:
+    """Insert fake quantization for quantization-aware training (FX graph mode).
+
+    The result is a train-mode ``GraphModule`` whose parameters are trained with autograd
+    as usual (straight-through gradients through the rounding); BatchNorm is folded into the
+    preceding convolution. Fine-tune it (e.g. by distillation), then call
+    :func:`convert_qat`. The model must be traceable by ``torch.fx``.
+
+    Args:
+        model: float model (not modified).
+        example_input: one input (or tuple of inputs) used to trace the model.
+        backend: quantized engine, default the current one.
+    """
+    engine = _backend(backend)
+    clone = _float_copy(model).train()
+    with _quiet_torch_ao():
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        return prepare_qat_fx(
+            clone, get_default_qat_qconfig_mapping(engine), _as_args(example_input)
+        )
+
+
+def convert_qat(model: nn.Module) -> nn.Module:
+    """Turn a model from :func:`prepare_qat` into a real int8 model (eval mode; copy)."""
+    if not isinstance(model, torch.fx.GraphModule) or not any(
+        "FakeQuantize" in type(m).__name__ for m in model.modules()
+    ):
+        raise ValueError(
+            "convert_qat expects the model returned by prepare_qat (a GraphModule with "
+            f"fake-quantize modules), got {type(model).__name__}."
+        )
+    clone = copy.deepcopy(model).eval()
+    with _quiet_torch_ao():
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        return convert_fx(clone)
