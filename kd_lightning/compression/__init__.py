@@ -1,17 +1,33 @@
 """Model compression after distillation: second-order pruning, quantization, export, latency.
 
+* :mod:`~kd_lightning.compression.hessian`: Hessian diagonals (exact, Hutchinson, OBD).
+* :mod:`~kd_lightning.compression.pruning`: OBD / magnitude saliency, global masks,
+  checkpointable masks, sparsity schedules.
+* :mod:`~kd_lightning.compression.quantization`: int8 dynamic / static PTQ and QAT.
+* :mod:`~kd_lightning.compression.export`: ONNX and ``torch.export`` with equivalence checks.
+* :mod:`~kd_lightning.compression.latency`: warm median inference latency.
+
 Pure torch (never imports lightning); the Lightning callbacks in :mod:`kd_lightning.callbacks`
 are built on these functions.
 """
 
+from kd_lightning.compression.export import (
+    ExportMismatchError,
+    check_equivalence,
+    export_onnx,
+    export_program,
+    load_exported,
+)
 from kd_lightning.compression.hessian import (
     exact_hessian_diagonal,
     hutchinson_hessian_diagonal,
     obd_hessian_diagonal,
 )
+from kd_lightning.compression.latency import measure_latency
 from kd_lightning.compression.pruning import (
     apply_masks,
     channel_saliency,
+    copy_with_masks_applied,
     effective_parameters,
     global_prune_masks,
     load_pruned_state_dict,
@@ -32,24 +48,31 @@ from kd_lightning.compression.quantization import (
 )
 
 __all__ = [
-    "convert_qat",
-    "model_size_bytes",
-    "prepare_qat",
-    "quantize_dynamic_int8",
-    "quantize_static_int8",
+    "ExportMismatchError",
     "apply_masks",
     "channel_saliency",
+    "check_equivalence",
+    "convert_qat",
+    "copy_with_masks_applied",
     "effective_parameters",
+    "exact_hessian_diagonal",
+    "export_onnx",
+    "export_program",
     "global_prune_masks",
+    "hutchinson_hessian_diagonal",
+    "load_exported",
     "load_pruned_state_dict",
     "magnitude_saliency",
     "make_pruning_permanent",
+    "measure_latency",
+    "model_size_bytes",
+    "obd_hessian_diagonal",
     "obd_saliency",
+    "prepare_qat",
+    "quantize_dynamic_int8",
+    "quantize_static_int8",
     "select_parameters",
     "sparsity_by_parameter",
     "sparsity_of",
     "sparsity_schedule",
-    "exact_hessian_diagonal",
-    "hutchinson_hessian_diagonal",
-    "obd_hessian_diagonal",
 ]

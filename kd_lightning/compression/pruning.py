@@ -23,6 +23,7 @@ Pure torch; never imports lightning.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from torch.nn.utils import prune
 __all__ = [
     "apply_masks",
     "channel_saliency",
+    "copy_with_masks_applied",
     "effective_parameters",
     "global_prune_masks",
     "load_pruned_state_dict",
@@ -303,6 +305,22 @@ def make_pruning_permanent(module: nn.Module) -> list[str]:
                 prune.remove(sub, hook._tensor_name)
                 done.append(f"{path}.{hook._tensor_name}" if path else hook._tensor_name)
     return done
+
+
+def copy_with_masks_applied(module: nn.Module) -> nn.Module:
+    """Deep copy with the pruning masks baked into plain parameters; the original is kept.
+
+    For quantization and export, which do not understand the pruning hooks. (A pruned
+    tensor computed with autograd is a non-leaf tensor, which ``copy.deepcopy`` refuses:
+    it is replaced by its detached value first; the hook recomputes it at the next forward.)
+    """
+    for sub in module.modules():
+        for hook in sub._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(sub, hook._tensor_name, getattr(sub, hook._tensor_name).detach())
+    clone = copy.deepcopy(module)
+    make_pruning_permanent(clone)
+    return clone
 
 
 def _effective(module: nn.Module, name: str) -> Tensor:

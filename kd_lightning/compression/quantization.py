@@ -34,9 +34,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
-from kd_lightning.compression.pruning import make_pruning_permanent
+from kd_lightning.compression.pruning import copy_with_masks_applied
 
 __all__ = [
     "convert_qat",
@@ -73,16 +72,7 @@ def _backend(backend: str | None) -> str:
 def _float_copy(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
-    # A pruned tensor (orig * mask) computed with autograd is a non-leaf tensor, which
-    # deepcopy refuses; replace it by its detached value for the copy (the pruning hook
-    # recomputes it at the original's next forward).
-    for sub in model.modules():
-        for hook in sub._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                setattr(sub, hook._tensor_name, getattr(sub, hook._tensor_name).detach())
-    clone = copy.deepcopy(model)
-    make_pruning_permanent(clone)
-    return clone
+    return copy_with_masks_applied(model)
 
 
 def model_size_bytes(model: nn.Module) -> int:
