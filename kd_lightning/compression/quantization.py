@@ -10,8 +10,10 @@ since a user cannot act on them; the migration is a change of this module, not o
   per batch. ``Linear`` (and ``LSTM``/``GRU``) only: no calibration, the usual choice for MLPs
   and transformers.
 * :func:`quantize_static_int8`: FX graph mode post-training static quantization with
-  calibration batches; quantizes ``Conv`` and ``Linear`` and fuses ``Conv-BN-ReLU``. The
-  model must be symbolically traceable (``torch.fx``): no data-dependent Python control flow.
+  calibration batches; quantizes ``Conv`` and ``Linear`` and fuses ``Conv-BN-ReLU``. FX must
+  trace the model symbolically; when its forward has Python control flow on the input
+  (``torch.fx`` cannot trace that), its children are traced and quantized one by one
+  instead, the parent's forward staying float.
 * :func:`prepare_qat` / :func:`convert_qat`: quantization-aware training (Jacob et al. 2018,
   "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
   Inference"): fake-quantize modules simulate int8 rounding in the forward pass and pass
@@ -29,7 +31,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
@@ -115,6 +117,89 @@ def _as_args(example_input: Tensor | tuple) -> tuple:
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
 
+# What torch.fx raises on an untraceable forward: control flow on a traced value
+# (TraceError), shapes used as Python ints (TypeError), and assorted others.
+_TRACE_ERRORS = (
+    torch.fx.proxy.TraceError,
+    TypeError,
+    RuntimeError,
+    AttributeError,
+    NotImplementedError,
+    ValueError,
+)
+
+
+def _prepare_tree(
+    module: nn.Module, example_args: tuple, prepare: Callable[[nn.Module, tuple], nn.Module]
+) -> tuple[nn.Module, int]:
+    """FX-prepare ``module``; if it cannot be traced, prepare its children (recursively).
+
+    A forward with Python control flow on the input (``if x.dim() == 2: ...``) defeats
+    ``torch.fx``, but its children are usually plain stacks of layers. Each traceable child
+    is quantized on its own, between a quantize and a dequantize, and the untraced parent
+    keeps running in float. Returns the (possibly replaced) module and the number of
+    prepared graphs.
+    """
+    children = list(module.named_children())
+    # A bare layer traced on its own becomes a functional call whose packed int8 weight is a
+    # plain attribute, missing from state_dict; wrapped, it converts to a quantized module.
+    target = module if children else nn.Sequential(module)
+    try:
+        return prepare(target, example_args), 1
+    except _TRACE_ERRORS:
+        if not children:
+            return module, 0
+    captured: dict[str, tuple] = {}
+
+    def capture(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            captured.setdefault(name, args)
+
+        return hook
+
+    hooks = [child.register_forward_pre_hook(capture(name)) for name, child in children]
+    was_training = module.training
+    try:
+        module.eval()  # do not move BatchNorm statistics while capturing example inputs
+        with torch.no_grad():
+            module(*example_args)
+    finally:
+        module.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    count = 0
+    for name, child in children:
+        if name in captured and any(True for _ in child.parameters()):
+            prepared, n = _prepare_tree(child, captured[name], prepare)
+            setattr(module, name, prepared)
+            count += n
+    return module, count
+
+
+def _is_prepared(module: nn.Module) -> bool:
+    return isinstance(module, torch.fx.GraphModule) and any(
+        name.startswith("activation_post_process") for name, _ in module.named_children()
+    )
+
+
+def _convert_tree(module: nn.Module) -> nn.Module:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    if _is_prepared(module):
+        return convert_fx(module)
+    for name, child in list(module.named_children()):
+        setattr(module, name, _convert_tree(child))
+    return module
+
+
+def _untraceable(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"torch.fx cannot trace {type(model).__name__} nor any of its submodules, so nothing "
+        "can be quantized statically; use quantize_dynamic_int8 (Linear layers) or make the "
+        "forward free of Python control flow on tensor values and shapes."
+    )
+
+
 def quantize_static_int8(
     model: nn.Module,
     example_input: Tensor | tuple,
@@ -125,25 +210,31 @@ def quantize_static_int8(
     """Post-training static quantization (FX graph mode) calibrated on sample batches.
 
     Observers record activation ranges while ``calibration_batches`` run through the model;
-    then Conv/Linear (fused with a following BatchNorm/ReLU) become int8 kernels.
+    then Conv/Linear (fused with a following BatchNorm/ReLU) become int8 kernels. A model
+    whose own forward cannot be traced by ``torch.fx`` is quantized child by child.
 
     Args:
-        model: trained float model (not modified); must be traceable by ``torch.fx``.
+        model: trained float model (not modified).
         example_input: one input (or tuple of inputs) used to trace the model.
         calibration_batches: inputs (or tuples) representative of deployment data, e.g. a
             few hundred transfer-set samples.
         backend: quantized engine, default the current one.
 
     Returns:
-        An eval-mode quantized ``GraphModule`` taking and returning float tensors.
+        An eval-mode quantized model taking and returning float tensors.
     """
     engine = _backend(backend)
     clone = _float_copy(model).eval()
     with _quiet_torch_ao():
         from torch.ao.quantization import get_default_qconfig_mapping
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        from torch.ao.quantization.quantize_fx import prepare_fx
 
-        prepared = prepare_fx(clone, get_default_qconfig_mapping(engine), _as_args(example_input))
+        mapping = get_default_qconfig_mapping(engine)
+        prepared, count = _prepare_tree(
+            clone, _as_args(example_input), lambda m, a: prepare_fx(m, mapping, a)
+        )
+        if count == 0:
+            raise _untraceable(model)
         seen = 0
         with torch.no_grad():
             for batch in calibration_batches:
@@ -154,7 +245,7 @@ def quantize_static_int8(
                 "calibration_batches is empty: static quantization needs at least one batch "
                 "to observe activation ranges."
             )
-        return convert_fx(prepared)
+        return _convert_tree(prepared).eval()
 
 
 def prepare_qat(
@@ -162,10 +253,11 @@ def prepare_qat(
 ) -> nn.Module:
     """Insert fake quantization for quantization-aware training (FX graph mode).
 
-    The result is a train-mode ``GraphModule`` whose parameters are trained with autograd
-    as usual (straight-through gradients through the rounding); BatchNorm is folded into the
+    The result is a train-mode model whose parameters are trained with autograd as usual
+    (straight-through gradients through the rounding); BatchNorm is folded into the
     preceding convolution. Fine-tune it (e.g. by distillation), then call
-    :func:`convert_qat`. The model must be traceable by ``torch.fx``.
+    :func:`convert_qat`. A model whose own forward cannot be traced by ``torch.fx`` is
+    prepared child by child.
 
     Args:
         model: float model (not modified).
@@ -178,22 +270,22 @@ def prepare_qat(
         from torch.ao.quantization import get_default_qat_qconfig_mapping
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-        return prepare_qat_fx(
-            clone, get_default_qat_qconfig_mapping(engine), _as_args(example_input)
+        mapping = get_default_qat_qconfig_mapping(engine)
+        prepared, count = _prepare_tree(
+            clone, _as_args(example_input), lambda m, a: prepare_qat_fx(m, mapping, a)
         )
+    if count == 0:
+        raise _untraceable(model)
+    return prepared.train()
 
 
 def convert_qat(model: nn.Module) -> nn.Module:
     """Turn a model from :func:`prepare_qat` into a real int8 model (eval mode; copy)."""
-    if not isinstance(model, torch.fx.GraphModule) or not any(
-        "FakeQuantize" in type(m).__name__ for m in model.modules()
-    ):
+    if not any(_is_prepared(m) for m in model.modules()):
         raise ValueError(
-            "convert_qat expects the model returned by prepare_qat (a GraphModule with "
-            f"fake-quantize modules), got {type(model).__name__}."
+            "convert_qat expects the model returned by prepare_qat (fake-quantized graph "
+            f"modules), got {type(model).__name__} without any."
         )
     clone = copy.deepcopy(model).eval()
     with _quiet_torch_ao():
-        from torch.ao.quantization.quantize_fx import convert_fx
-
-        return convert_fx(clone)
+        return _convert_tree(clone).eval()

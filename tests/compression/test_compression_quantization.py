@@ -128,6 +128,51 @@ def test_qat_model_trains_and_converts_to_int8():
         convert_qat(model)
 
 
+class FlatOrImageCNN(nn.Module):
+    """Python control flow on the input, like the zoo's SmallCNN: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _small_cnn()[:-1]
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x.view(x.shape[0], 1, 8, 8)
+        return self.classifier(self.features(x))
+
+
+def test_untraceable_forward_is_quantized_child_by_child():
+    torch.manual_seed(0)
+    model = FlatOrImageCNN().eval()
+    x = torch.randn(128, 64) * 2 + 0.5
+    quantized = quantize_static_int8(model, x[:2], [x[:64], x[64:]])
+    assert isinstance(quantized, FlatOrImageCNN)  # the parent stays, its children converted
+    kinds = {type(m) for m in quantized.modules()}
+    assert {ao_nn.intrinsic.quantized.ConvReLU2d, ao_nn.quantized.Linear} <= kinds, kinds
+    with torch.no_grad():
+        ref, out = model(x), quantized(x)
+        assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
+        torch.testing.assert_close(quantized(x.view(-1, 1, 8, 8)), out)  # both branches run
+
+    qat = prepare_qat(model, x[:2])
+    qat(x).sum().backward()
+    assert all(p.grad is not None for p in qat.parameters())
+    converted = convert_qat(qat)
+    assert ao_nn.quantized.Linear in {type(m) for m in converted.modules()}
+
+    class Gate(nn.Module):  # a leaf module nothing inside of which FX can trace
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.scale if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="torch.fx cannot trace Gate"):
+        prepare_qat(Gate(), torch.randn(2, 3))
+
+
 def test_unknown_backend_lists_the_available_ones():
     with pytest.raises(ValueError, match="choose one of"):
         quantize_dynamic_int8(_digits_mlp(8), backend="tpu")
