@@ -23,6 +23,7 @@ Pure torch plus the optional ONNX packages; never imports lightning.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,10 +65,15 @@ def _dynamic_batch(args: tuple[Tensor, ...]) -> tuple[dict[int, object], ...]:
 
 @contextmanager
 def _eval_mode(model: nn.Module):
+    """Eval mode for the export, the caller's mode restored; torch's own export-time
+    deprecation warning (``isinstance(treespec, LeafSpec)``, raised inside torch 2.13's
+    exporters) silenced, since no caller can act on it."""
     was_training = model.training
     model.eval()
     try:
-        yield model
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield model
     finally:
         model.train(was_training)
 
