@@ -2,44 +2,89 @@
 
 A transfer set may be partly unlabeled (``target == -1``: the sample still carries the
 teacher's knowledge) and may omit classes entirely (the student must learn them from the
-teacher's soft targets alone). Batches are dicts: ``input``, ``target``, ``index``.
+teacher's soft targets alone). Batches are dicts: ``input``, ``target``, ``index``; ``view``
+when the training images are augmented (which augmented view of the sample this is), and the
+teacher's cached outputs when a :class:`~kd_lightning.data.teacher_cache.TeacherCache` is
+attached.
+
+Augmentation is replayable: the random parameters of view ``v`` of sample ``i`` are a function
+of ``(seed, i, v)``, and the view a sample is shown in an epoch is a function of
+``(epoch, i)``. The sampler hands ``(position, epoch)`` to the dataset, so the choice needs no
+state in the DataLoader workers and a resumed run sees the same images.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kd_lightning.data.teacher_cache import SplitOutputs, TeacherCache
 from kd_lightning.functional.soft_target import IGNORE_INDEX
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
-class TensorTransferSet(Dataset):
-    """In-memory samples; fetches whole batches at once (``__getitems__``) as a dict of tensors."""
+ViewFn = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(indices, epoch) -> views``: which augmented view of each sample an epoch shows."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
+
+class TensorTransferSet(Dataset):
+    """In-memory samples; fetches whole batches at once (``__getitems__``) as a dict of tensors.
+
+    Keys are positions, or ``(position, epoch)`` pairs from an :class:`EpochSeededSampler` with
+    ``with_epoch=True`` (plain positions count as epoch 0).
+
+    Args:
+        inputs: samples, shape (N, ...).
+        targets: labels (N,), ``-1`` for unlabeled samples.
+        indices: each sample's position in the full split (``index`` in the batch).
+        view_fn: when given, batches carry ``view = view_fn(index, epoch)``.
+        teacher_outputs: cached teacher outputs of the split, looked up by ``(index, view)``.
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        indices: torch.Tensor,
+        view_fn: ViewFn | None = None,
+        teacher_outputs: SplitOutputs | None = None,
+    ) -> None:
         if not len(inputs) == len(targets) == len(indices):
             raise ValueError("inputs, targets and indices must have the same length")
         self.inputs, self.targets, self.indices = inputs, targets, indices
+        self.view_fn = view_fn
+        self.teacher_outputs = teacher_outputs
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input": self.inputs[i], "target": self.targets[i], "index": self.indices[i]}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
 
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, keys: list) -> dict[str, torch.Tensor]:
+        if keys and isinstance(keys[0], (tuple, list)):
+            positions = [int(k[0]) for k in keys]
+            epoch = int(keys[0][1])
+        else:
+            positions, epoch = [int(k) for k in keys], 0
         rows = torch.as_tensor(positions, dtype=torch.long)
-        return {
-            "input": self.inputs[rows],
-            "target": self.targets[rows],
-            "index": self.indices[rows],
-        }
+        index = self.indices[rows]
+        batch = {"input": self.inputs[rows], "target": self.targets[rows], "index": index}
+        views = None
+        if self.view_fn is not None:
+            views = self.view_fn(index, epoch)
+            batch["view"] = views
+        if self.teacher_outputs is not None:
+            if views is None:
+                views = torch.zeros_like(index)
+            batch.update(self.teacher_outputs.lookup(index, views))
+        return batch
 
 
 def _collate_batch(batch: dict[str, torch.Tensor] | list) -> dict[str, torch.Tensor]:
@@ -49,15 +94,22 @@ def _collate_batch(batch: dict[str, torch.Tensor] | list) -> dict[str, torch.Ten
     return torch.utils.data.default_collate(batch)
 
 
-class EpochSeededSampler(Sampler[int]):
+class EpochSeededSampler(Sampler):
     """Random order that depends only on ``(seed, epoch)``.
 
     Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees
     exactly the batches an uninterrupted run would have seen.
+
+    Args:
+        num_samples: size of the dataset.
+        seed: shuffling seed.
+        with_epoch: yield ``(position, epoch)`` pairs instead of positions, so the dataset can
+            pick each sample's augmented view for the epoch.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, with_epoch: bool = False) -> None:
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,9 +117,18 @@ class EpochSeededSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.with_epoch:
+            return iter([(position, self.epoch) for position in order])
+        return iter(order)
+
+
+def _view_offsets(indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random offset in [0, 2**31) per (seed, index): views cycle out of phase."""
+    mixed = (indices.long() * 0x9E3779B1 + seed * 0x85EBCA6B) & 0x7FFFFFFF
+    return (mixed ^ (mixed >> 15)) * 0x2C1B3C6D & 0x7FFFFFFF
 
 
 class TransferSetDataModule(L.LightningDataModule, abc.ABC):
@@ -88,6 +149,9 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
             seed of a study sees the same splits).
         shuffle_seed: seed of the epoch-wise shuffling; ``None`` takes the run's seed
             (``torch.initial_seed()`` at setup).
+        teacher_cache: precompute the teacher's outputs once and put them in every batch
+            (:class:`~kd_lightning.data.teacher_cache.TeacherCache`); the method then needs no
+            teacher (``teacher: null``).
     """
 
     def __init__(
@@ -99,6 +163,7 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         omit_classes: Sequence[int] | None = None,
         split_seed: int = 0,
         shuffle_seed: int | None = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         super().__init__()
         if not 0 < labeled_fraction <= 1:
@@ -124,11 +189,66 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         self.omit_classes = omit
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
+        self.teacher_cache = teacher_cache
         self.datasets: dict[str, TensorTransferSet] = {}
+        self._raw_splits: dict[str, Split] = {}
 
     @abc.abstractmethod
     def load_split(self, split: str) -> Split:
         """Return ``(inputs, targets)`` of ``split`` in {"train", "val", "test"}; fixed for a split_seed."""
+
+    def raw_split(self, split: str) -> Split:
+        """``load_split(split)``, read once: the full split before omitted classes and labels."""
+        if split not in self._raw_splits:
+            self._raw_splits[split] = self.load_split(split)
+        return self._raw_splits[split]
+
+    # ------------------------------------------------------------------ transforms
+    @property
+    def augments_train(self) -> bool:
+        """Whether :meth:`transform_batch` applies a random augmentation to training batches."""
+        return False
+
+    def transform_settings(self) -> dict[str, Any]:
+        """What :meth:`transform_batch` does, as plain data (recorded in teacher caches)."""
+        return {}
+
+    @property
+    def augment_seed(self) -> int:
+        """Seed of the per-(index, view) augmentation parameters: the cache's, else the shuffling seed."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.seed
+        if self.shuffle_seed is None:
+            self.setup()
+        return int(self.shuffle_seed)
+
+    def transform_batch(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
+        """Turn a batch of stored samples into model inputs, on the batch's device (identity here).
+
+        Runs in :meth:`on_after_batch_transfer`, i.e. after the batch reached the accelerator,
+        batched. ``split`` is ``train`` for training batches (``batch["view"]`` says which
+        augmented view to produce) and ``val``/``test`` otherwise. A teacher cache runs the
+        teacher on exactly what this returns.
+        """
+        return batch
+
+    def views_for(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Which view of each training sample ``epoch`` shows.
+
+        With a cache of K views: ``(epoch + h(index)) mod K``, so every sample cycles through its
+        K cached views, out of phase with the others. Without a cache: ``epoch`` (a fresh,
+        replayable augmentation every epoch).
+        """
+        if self.teacher_cache is None:
+            return torch.full_like(indices, epoch)
+        views = self.teacher_cache.views
+        return (epoch + _view_offsets(indices, self.augment_seed)) % views
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch, dict) or "input" not in batch:
+            return batch
+        split = "train" if self.trainer is not None and self.trainer.training else "val"
+        return self.transform_batch(batch, split)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -141,9 +261,11 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         return self.datasets[split]
 
     def example_batch(self, size: int = 2) -> dict[str, torch.Tensor]:
-        """A few training samples as a batch, for start-up checks (shapes, class counts)."""
+        """A few training samples as a (transformed) batch, for start-up checks (shapes, class counts)."""
         dataset = self.dataset("train")
-        return dataset.__getitems__(list(range(min(size, len(dataset)))))
+        return self.transform_batch(
+            dataset.__getitems__(list(range(min(size, len(dataset))))), "train"
+        )
 
     def _build_transfer_set(self, inputs: torch.Tensor, targets: torch.Tensor) -> TensorTransferSet:
         indices = torch.arange(len(targets))
@@ -162,22 +284,52 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
             targets[~labeled] = IGNORE_INDEX
         # `index` stays the position in the full train split so caches and memory banks keyed by
         # it do not depend on which classes were omitted.
-        return TensorTransferSet(inputs, targets, indices)
+        uses_views = self.augments_train or self.teacher_cache is not None
+        return TensorTransferSet(
+            inputs, targets, indices, view_fn=self.views_for if uses_views else None
+        )
+
+    def prepare_data(self) -> None:
+        """Verify or build the teacher cache (Lightning runs this in one process per node).
+
+        Subclasses that download data do so first, then call ``super().prepare_data()``.
+        """
+        if self.teacher_cache is not None:
+            self.teacher_cache.ensure(self)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        x, y = self.load_split("train")
+        x, y = self.raw_split("train")
         self.datasets["train"] = self._build_transfer_set(x, y)
         for split in ("val", "test"):
-            x, y = self.load_split(split)
+            x, y = self.raw_split(split)
             self.datasets[split] = TensorTransferSet(x, y, torch.arange(len(y)))
         if self.shuffle_seed is None:
             self.shuffle_seed = torch.initial_seed() % (2**31)
+        if self.teacher_cache is not None:
+            self._attach_teacher_cache()
+
+    def _attach_teacher_cache(self) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            # prepare_data ran on rank 0 of each node; the others read only what it committed.
+            dist.barrier()
+        header = self.teacher_cache.ensure(self, may_build=not distributed)
+        for split, dataset in self.datasets.items():
+            dataset.teacher_outputs = self.teacher_cache.outputs(header, split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        sampler = EpochSeededSampler(len(dataset), self.shuffle_seed) if shuffle else None
+        sampler = (
+            EpochSeededSampler(
+                len(dataset), self.shuffle_seed, with_epoch=dataset.view_fn is not None
+            )
+            if shuffle
+            else None
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
