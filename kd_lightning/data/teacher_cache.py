@@ -50,6 +50,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kd_lightning.functional.sparse_soft_target import topk_log_probs
+
 if TYPE_CHECKING:  # pragma: no cover
     from kd_lightning.data.transfer_set import TransferSetDataModule
 
@@ -713,9 +715,7 @@ class TeacherCache:
         if not self.topk:
             writer.array(f"{split}/logits")[start:stop, view] = self._encode(logits)
             return
-        k = min(self.topk, logits.shape[-1])
-        log_probs = torch.log_softmax(logits / self.temperature, dim=-1)
-        values, indices = log_probs.topk(k, dim=-1)
+        values, indices = topk_log_probs(logits, self.topk, self.temperature)
         writer.array(f"{split}/values")[start:stop, view] = self._encode(values)
         writer.array(f"{split}/indices")[start:stop, view] = indices.cpu().numpy()
 
