@@ -235,7 +235,8 @@ class OfflineDistillation(DistillationModule):
         return self.teacher is not None or self.teachers is not None
 
     def validate_setup(self, example: dict[str, Any]) -> None:
-        if self.needs_teacher and not self.has_teacher and "teacher_logits" not in example:
+        cached = "teacher_logits" in example or TOPK_VALUES in example  # teacher cache (issue 5)
+        if self.needs_teacher and not self.has_teacher and not cached:
             raise ValueError(
                 "OfflineDistillation needs a teacher for its loss terms: set model.init_args.teacher "
                 "(e.g. class_path: kd_lightning.teachers.PretrainedTeacher with a checkpoint_path), "
@@ -331,6 +332,10 @@ class OfflineDistillation(DistillationModule):
             outputs["teacher_features"] = features
         else:
             outputs["teacher"] = self.teacher_logits(batch, outputs["student"])
+        # -- teacher cache (issue 5): sparse top-k knowledge, read by LossTerm(teacher="topk") --
+        if TOPK_VALUES in batch:
+            outputs["teacher_topk"] = (batch[TOPK_VALUES], batch["teacher_topk_indices"])
+        # -- end teacher cache --
         return outputs
 
     def log_metrics(
@@ -345,9 +350,12 @@ class OfflineDistillation(DistillationModule):
     @staticmethod
     def _knowledge(outputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         student = {LOGITS: outputs["student"], **outputs["student_features"]}
+        # -- teacher cache (issue 5): a cached top-k teacher may come without dense logits --
+        topk = {"topk": outputs["teacher_topk"]} if "teacher_topk" in outputs else {}
         if outputs["teacher"] is None:
-            return student, None
-        return student, {LOGITS: outputs["teacher"], **outputs["teacher_features"]}
+            return student, (topk or None)
+        return student, {LOGITS: outputs["teacher"], **outputs["teacher_features"], **topk}
+        # -- end teacher cache --
 
     def compute_losses(
         self, outputs: dict[str, Any], batch: dict[str, Any]
@@ -362,6 +370,10 @@ class OfflineDistillation(DistillationModule):
             total = total + term.scale(self.current_epoch) * value
         losses["loss"] = total
         return losses
+
+
+TOPK_VALUES = "teacher_topk_values"
+"""Batch key of cached sparse teacher knowledge (with ``teacher_topk_indices``); issue 5."""
 
 
 def _architecture(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
