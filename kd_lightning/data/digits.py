@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kd_lightning.data.teacher_cache import TeacherCache
 from kd_lightning.data.transfer_set import Split, TransferSetDataModule
 
 
@@ -29,6 +30,7 @@ class DigitsTransferSet(TransferSetDataModule):
         shuffle_seed: seed of epoch shuffling (default: the run's seed).
         val_size: number of validation samples.
         test_size: number of test samples.
+        teacher_cache: precomputed teacher outputs (:class:`~kd_lightning.data.TeacherCache`).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class DigitsTransferSet(TransferSetDataModule):
         shuffle_seed: int | None = None,
         val_size: int = 180,
         test_size: int = 360,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         super().__init__(
             num_classes=10,
@@ -50,6 +53,7 @@ class DigitsTransferSet(TransferSetDataModule):
             omit_classes=omit_classes,
             split_seed=split_seed,
             shuffle_seed=shuffle_seed,
+            teacher_cache=teacher_cache,
         )
         self.val_size, self.test_size = val_size, test_size
         self._splits: dict[str, Split] | None = None
