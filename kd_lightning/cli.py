@@ -64,6 +64,25 @@ class KDLightningCLI(LightningCLI):
             link_num_classes(config["model"], num_classes)
 
 
+def build_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> KDLightningCLI:
+    """The CLI over every method and transfer set (``run=False``: parse and instantiate only)."""
+    if not run:
+        kwargs.setdefault("save_config_callback", None)
+        # Called from Python (a study, a test): the process's own argv is not for this CLI.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+    return KDLightningCLI(
+        DistillationModule,
+        TransferSetDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=list(args),
+        run=run,
+        **kwargs,
+    )
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Run the CLI: ``study`` goes to the study runner, everything else to LightningCLI."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -72,15 +91,7 @@ def main(args: Sequence[str] | None = None) -> None:
 
         study_main(argv[1:])
         return
-    KDLightningCLI(
-        DistillationModule,
-        TransferSetDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-        auto_configure_optimizers=False,
-    )
+    build_cli(argv)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,8 @@ class DistillationModule(L.LightningModule):
         example = datamodule.example_batch() if hasattr(datamodule, "example_batch") else None
         if example is not None:
             self._check_class_counts(example)
-            self.validate_setup(example)
+            if stage != "predict":  # prediction needs the student only
+                self.validate_setup(example)
         if self.num_classes is None:
             raise ValueError(
                 "num_classes is unknown: pass num_classes to the method or use a TransferSetDataModule"
