@@ -31,7 +31,7 @@ from kd_lightning.functional.soft_target import IGNORE_INDEX
 from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, _default_optimizer
 from kd_lightning.methods.loss_term import LOGITS, LossTerm
-from kd_lightning.teachers import FrozenTeacher, output_logits
+from kd_lightning.teachers import FrozenTeacher, load_student, output_logits
 
 FALLBACKS = ("exclude", "label")
 
@@ -442,3 +442,51 @@ class BornAgain(OfflineDistillation):
                 "same model config for both, or OfflineDistillation for a different teacher"
             )
         super().validate_setup(example)
+
+
+class PermutedTeacher(FrozenTeacher):
+    """A deliberately wrong teacher: a checkpoint's student with its output classes permuted.
+
+    Output ``c`` is the wrapped model's logit for class ``permutation[c]``, so the teacher is
+    as confident as the original and wrong wherever the permutation moves the class: a
+    controlled corruption for robustness experiments (multi-teacher knowledge purification).
+
+    Args:
+        checkpoint_path: a ``.ckpt`` written by this library (its student is loaded).
+        permutation: the class permutation; default: a derangement (no class kept) drawn
+            with ``seed``.
+        seed: seed of the default permutation.
+        model: the architecture, when the checkpoint does not record its spec.
+    """
+
+    def __init__(
+        self,
+        checkpoint_path: str,
+        permutation: list[int] | None = None,
+        seed: int = 0,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__(load_student(checkpoint_path, model))
+        self.checkpoint_path = str(checkpoint_path)
+        if permutation is not None and sorted(permutation) != list(range(len(permutation))):
+            raise ValueError(f"permutation must list 0..C-1 once each, got {permutation}")
+        self.permutation = permutation
+        self.seed = seed
+
+    def class_permutation(self, num_classes: int) -> torch.Tensor:
+        if self.permutation is not None:
+            if len(self.permutation) != num_classes:
+                raise ValueError(
+                    f"permutation has {len(self.permutation)} entries, the teacher outputs "
+                    f"{num_classes} classes"
+                )
+            return torch.as_tensor(self.permutation)
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:  # a derangement: every class moves
+            perm = torch.randperm(num_classes, generator=generator)
+            if not (perm == torch.arange(num_classes)).any():
+                return perm
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = output_logits(super().forward(*args, **kwargs))
+        return logits[..., self.class_permutation(logits.shape[-1]).to(logits.device)]

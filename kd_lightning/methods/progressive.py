@@ -36,6 +36,7 @@ from kd_lightning.methods.base import DistillationModule, _default_optimizer
 from kd_lightning.methods.loss_term import LOGITS, LossTerm
 from kd_lightning.methods.offline import hinton_loss_terms
 from kd_lightning.methods.online import log_accuracy, make_accuracies
+from kd_lightning.models.spec import model_spec
 from kd_lightning.teachers import CHECKPOINT_KEY, output_logits
 
 
@@ -81,6 +82,10 @@ class ProgressiveDistillation(DistillationModule):
         self.record_student_spec(self.student)
         self.teacher = self.freeze_teacher(teacher)
         self.assistants = nn.ModuleList([self.build_model(a) for a in assistants or []])
+        if "assistants" not in self.hparams:  # built in Python: record how to rebuild them
+            specs = [model_spec(a) for a in self.assistants]
+            if all(s is not None for s in specs):
+                self.hparams["assistants"] = specs
         stages = len(self.assistants) + 1
         if stage_epochs is None:
             raise ValueError(
@@ -151,7 +156,7 @@ class ProgressiveDistillation(DistillationModule):
         if stage != "fit":
             return
         total = sum(self.stage_epochs)
-        if self.trainer.max_epochs != total:
+        if self.trainer.max_epochs != total and not self.trainer.fast_dev_run:
             raise ValueError(
                 f"ProgressiveDistillation runs its stages {self.stage_epochs} inside one fit: set "
                 f"trainer.max_epochs to {total} (the sum of stage_epochs), got "
