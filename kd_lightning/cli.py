@@ -91,6 +91,11 @@ def main(args: Sequence[str] | None = None) -> None:
 
         study_main(argv[1:])
         return
+    if argv and argv[0] == "export":
+        from kd_lightning.export_command import main as export_main
+
+        export_main(argv[1:])
+        return
     build_cli(argv)
 
 
