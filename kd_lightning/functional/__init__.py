@@ -1,5 +1,20 @@
 """Stateless twins of :mod:`kd_lightning.losses`; each loss module calls one of these cores."""
 
+from kd_lightning.functional.contrastive import crd_nce_loss, sample_negatives
+from kd_lightning.functional.feature import (
+    attention_transfer,
+    fitnets_hint,
+    flow_of_solution_procedure,
+    neuron_selectivity_transfer,
+    variational_information,
+)
+from kd_lightning.functional.relation import (
+    correlation_congruence,
+    probabilistic_knowledge_transfer,
+    relational_kd,
+    similarity_preserving,
+)
+from kd_lightning.functional.response import decoupled_kd, dist_loss, logit_standardization_kd
 from kd_lightning.functional.soft_target import (
     IGNORE_INDEX,
     hard_label_cross_entropy,
@@ -7,4 +22,23 @@ from kd_lightning.functional.soft_target import (
     soft_target_kl,
 )
 
-__all__ = ["IGNORE_INDEX", "hard_label_cross_entropy", "logit_matching_mse", "soft_target_kl"]
+__all__ = [
+    "IGNORE_INDEX",
+    "attention_transfer",
+    "correlation_congruence",
+    "crd_nce_loss",
+    "decoupled_kd",
+    "dist_loss",
+    "fitnets_hint",
+    "flow_of_solution_procedure",
+    "hard_label_cross_entropy",
+    "logit_matching_mse",
+    "logit_standardization_kd",
+    "neuron_selectivity_transfer",
+    "probabilistic_knowledge_transfer",
+    "relational_kd",
+    "sample_negatives",
+    "similarity_preserving",
+    "soft_target_kl",
+    "variational_information",
+]

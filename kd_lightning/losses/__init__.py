@@ -1,9 +1,46 @@
-"""Loss modules (pure torch, never imports lightning). Contract: ``forward(*, student, teacher, target=None)``."""
+"""Loss modules (pure torch, never imports lightning).
 
+Contract: ``forward(*, student, teacher, target=None)``, keyword-only, student first, a scalar
+out; softmax in float32; the teacher is detached. Weights and warm-up live in
+:class:`kd_lightning.methods.LossTerm`.
+"""
+
+from kd_lightning.losses.contrastive import CRDLoss
+from kd_lightning.losses.feature import (
+    AttentionTransferLoss,
+    FitNetsHintLoss,
+    FSPLoss,
+    NSTLoss,
+    VIDLoss,
+)
+from kd_lightning.losses.relation import (
+    CorrelationCongruenceLoss,
+    PKTLoss,
+    RKDLoss,
+    SimilarityPreservingLoss,
+)
+from kd_lightning.losses.response import DISTLoss, DKDLoss, LogitStandardizationKDLoss
 from kd_lightning.losses.soft_target import (
     HardLabelCrossEntropy,
     LogitMatchingMSELoss,
     SoftTargetKLLoss,
 )
 
-__all__ = ["HardLabelCrossEntropy", "LogitMatchingMSELoss", "SoftTargetKLLoss"]
+__all__ = [
+    "AttentionTransferLoss",
+    "CRDLoss",
+    "CorrelationCongruenceLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FSPLoss",
+    "FitNetsHintLoss",
+    "HardLabelCrossEntropy",
+    "LogitMatchingMSELoss",
+    "LogitStandardizationKDLoss",
+    "NSTLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "SimilarityPreservingLoss",
+    "SoftTargetKLLoss",
+    "VIDLoss",
+]

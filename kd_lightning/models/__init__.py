@@ -1,7 +1,53 @@
-"""The model zoo: plain ``nn.Module``s that return logits."""
+"""The model zoo: plain ``nn.Module``s that return logits, with named layers to hook."""
 
+from kd_lightning.models.cifar import (
+    CIFAR_MODELS,
+    VGG8,
+    VGG13,
+    MobileNetV2,
+    ResNet8,
+    ResNet8x4,
+    ResNet14,
+    ResNet20,
+    ResNet32,
+    ResNet32x4,
+    ResNet44,
+    ResNet56,
+    ResNet110,
+    ShuffleNetV1,
+    ShuffleNetV2,
+    WRN16x2,
+    WRN40x1,
+    WRN40x2,
+    cifar_model,
+)
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.small_cnn import SmallCNN
 from kd_lightning.models.spec import instantiate, model_spec, records_init_args
 
-__all__ = ["MLP", "SmallCNN", "instantiate", "model_spec", "records_init_args"]
+__all__ = [
+    "CIFAR_MODELS",
+    "MLP",
+    "MobileNetV2",
+    "ResNet8",
+    "ResNet8x4",
+    "ResNet14",
+    "ResNet20",
+    "ResNet32",
+    "ResNet32x4",
+    "ResNet44",
+    "ResNet56",
+    "ResNet110",
+    "ShuffleNetV1",
+    "ShuffleNetV2",
+    "SmallCNN",
+    "VGG8",
+    "VGG13",
+    "WRN16x2",
+    "WRN40x1",
+    "WRN40x2",
+    "cifar_model",
+    "instantiate",
+    "model_spec",
+    "records_init_args",
+]
