@@ -35,6 +35,9 @@ class LossTerm(nn.Module):
             shapes); trained with the student.
         warmup_epochs: the weight ramps linearly from ``weight / warmup_epochs`` (first epoch) to
             ``weight`` over this many epochs (DKD uses 20); 0 disables the ramp.
+        pretrain_epochs: a first stage of this many epochs in which only the terms with
+            ``pretrain_epochs`` train (FitNets stage 1: the hint and its connector train the
+            student's lower layers before the full objective); 0: no such stage.
     """
 
     def __init__(
@@ -46,12 +49,15 @@ class LossTerm(nn.Module):
         teacher: str | list[str] = LOGITS,
         connector: nn.Module | None = None,
         warmup_epochs: int = 0,
+        pretrain_epochs: int = 0,
     ) -> None:
         super().__init__()
         if weight < 0:
             raise ValueError(f"weight of a loss term must be >= 0, got {weight}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
         self.loss = loss
         self.weight = float(weight)
         self.name = name or _snake_name(loss)
@@ -59,6 +65,7 @@ class LossTerm(nn.Module):
         self.teacher_source = teacher
         self.connector = connector
         self.warmup_epochs = warmup_epochs
+        self.pretrain_epochs = pretrain_epochs
         parameters = inspect.signature(loss.forward).parameters
         self.takes_index = "index" in parameters
         self.uses_teacher = bool(getattr(loss, "uses_teacher", True))
@@ -73,6 +80,12 @@ class LossTerm(nn.Module):
         if self.warmup_epochs == 0:
             return self.weight
         return self.weight * min(1.0, (epoch + 1) / self.warmup_epochs)
+
+    def scale_in(self, terms: list[LossTerm], epoch: int) -> float:
+        """This term's weight at ``epoch`` within ``terms``: 0 while other terms pre-train alone."""
+        if any(t.pretrain_epochs > epoch for t in terms) and self.pretrain_epochs <= epoch:
+            return 0.0
+        return self.scale(epoch)
 
     @staticmethod
     def _select(source: str | list[str], knowledge: dict[str, torch.Tensor]):

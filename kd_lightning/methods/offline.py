@@ -367,7 +367,7 @@ class OfflineDistillation(DistillationModule):
         for term in self.loss_terms:
             value = term(student, teacher, target, batch.get("index"))
             losses[term.name] = value
-            total = total + term.scale(self.current_epoch) * value
+            total = total + term.scale_in(list(self.loss_terms), self.current_epoch) * value
         losses["loss"] = total
         return losses
 

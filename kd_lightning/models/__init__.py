@@ -24,6 +24,7 @@ from kd_lightning.models.cifar import (
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.small_cnn import SmallCNN
 from kd_lightning.models.spec import instantiate, model_spec, records_init_args
+from kd_lightning.models.tiny_vit import TinyViT
 
 __all__ = [
     "CIFAR_MODELS",
@@ -41,6 +42,7 @@ __all__ = [
     "ShuffleNetV1",
     "ShuffleNetV2",
     "SmallCNN",
+    "TinyViT",
     "VGG8",
     "VGG13",
     "WRN16x2",
