@@ -168,10 +168,13 @@ def main() -> None:
     )
     for name in runs:
         print(f"{name:<22} {summary(steps[name])}   {statistics.median(fetches[name]):.4f}")
-    med = {name: statistics.median(times) for name, times in steps.items()}
-    a, b, c = med["(a) live teacher"], med["(b) cached teacher"], med["(c) student alone"]
-    print(f"\n(b)/(c) cached KD vs student alone: {b / c:.3f}  (target <= 1.05)")
-    print(f"(a)/(b) speed-up of the cache:      {a / b:.2f}x")
+    # Medians, and minimums: on a shared machine the minimum is the least-disturbed estimate.
+    for label, reduce in (("median", statistics.median), ("min", min)):
+        a, b, c = (reduce(steps[name]) for name in runs)
+        print(
+            f"\n{label:>6}: (b)/(c) cached KD vs student alone = {b / c:.3f} (target <= 1.05); "
+            f"(a)/(b) speed-up of the cache = {a / b:.2f}x"
+        )
     per_image = build_seconds / args.build_samples
     print(
         f"\ncache build with resnet32x4 on this CPU: {build_seconds:.1f} s for "
