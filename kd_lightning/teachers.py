@@ -116,6 +116,13 @@ def load_student(checkpoint_path: str | Path, model: nn.Module | None = None) ->
     }
     if not state:
         raise ValueError(f"{str(checkpoint_path)!r} holds no student weights ('student.*' keys)")
+    # --- pruned students (issue 7): masks are re-installed before loading ------------------
+    if any(k.endswith("_mask") and f"{k[: -len('_mask')]}_orig" in state for k in state):
+        from kd_lightning.compression.pruning import load_pruned_state_dict
+
+        load_pruned_state_dict(model, state)
+        return model.eval()
+    # --- end pruned students --------------------------------------------------------------
     model.load_state_dict(state)
     return model.eval()
 
