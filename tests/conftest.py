@@ -49,6 +49,22 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def vit_teacher_checkpoint(tmp_path_factory) -> Path:
+    """A TinyViT(dim 64, depth 4) teacher (experiments/digits/vit_teacher.yaml), barely trained."""
+    from kd_lightning.data import DigitsTransferSet
+    from kd_lightning.methods import Supervised
+    from kd_lightning.models import TinyViT
+
+    L.seed_everything(0)
+    module = Supervised(TinyViT(num_classes=10, dim=64, depth=4, heads=4))
+    trainer = fast_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, DigitsTransferSet(batch_size=64))
+    path = tmp_path_factory.mktemp("vit_teacher") / "vit_teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _wandb_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

@@ -20,25 +20,26 @@ def _configs():
         yield path
 
 
-def _replace(node, key, value):
-    """Point every `key` (a teacher checkpoint path) at the test's teacher."""
+def _replace(node, key, teachers):
+    """Point every `key` (a teacher checkpoint path) at the test teacher of that architecture."""
     if isinstance(node, dict):
         for k, v in node.items():
             if k == key and isinstance(v, str):
-                node[k] = value
+                node[k] = str(teachers.get(Path(v).stem, teachers["teacher"]))
             else:
-                _replace(v, key, value)
+                _replace(v, key, teachers)
     elif isinstance(node, list):
         for item in node:
-            _replace(item, key, value)
+            _replace(item, key, teachers)
 
 
 @pytest.mark.parametrize(
     "path", list(_configs()), ids=lambda p: str(p.relative_to(ROOT / "experiments"))
 )
-def test_config_runs_one_step(path, teacher_checkpoint, tmp_path):
+def test_config_runs_one_step(path, teacher_checkpoint, vit_teacher_checkpoint, tmp_path):
     config = yaml.safe_load(path.read_text())
-    _replace(config, "checkpoint_path", str(teacher_checkpoint))
+    teachers = {"teacher": teacher_checkpoint, "vit_teacher": vit_teacher_checkpoint}
+    _replace(config, "checkpoint_path", teachers)
     trainer = config.setdefault("trainer", {})
     trainer.pop("callbacks", None)
     trainer.update(
