@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 study: setup
-	$(BIN)/kd-lightning study experiments/digits/study.yaml
+	$(BIN)/kd-lightning study experiments/digits/study_core.yaml
 
 test: setup
 	$(BIN)/pytest
