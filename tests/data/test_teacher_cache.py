@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -305,10 +306,26 @@ def test_interrupted_build_leaves_no_file_and_keeps_the_old_one(tmp_path, mlp_te
 
 
 KILLED_WRITER = """
-import sys, time, torch
+import sys, time, types
+from pathlib import Path
+import torch
 from torch import nn
-from kd_lightning.data.digits import DigitsTransferSet
+
+# Import the cache module without kd_lightning.data's __init__ (which imports Lightning, ~4 s).
+import kd_lightning
+stub = types.ModuleType("kd_lightning.data")
+stub.__path__ = [str(Path(list(kd_lightning.__path__)[0]) / "data")]
+sys.modules["kd_lightning.data"] = stub
 from kd_lightning.data.teacher_cache import TeacherCache
+
+class Data:  # what TeacherCache needs of a TransferSetDataModule
+    num_classes, augments_train = 10, False
+    def raw_split(self, split):
+        return torch.zeros(2000, 64), torch.zeros(2000, dtype=torch.long)
+    def transform_settings(self):
+        return {}
+    def transform_batch(self, batch, split):
+        return batch
 
 class Slow(nn.Module):
     def __init__(self):
@@ -316,10 +333,9 @@ class Slow(nn.Module):
         self.linear = nn.Linear(64, 10)
     def forward(self, x):
         time.sleep(0.05)
-        return self.linear(x.flatten(1))
+        return self.linear(x)
 
-cache = TeacherCache(sys.argv[1], teacher=Slow(), batch_size=16, progress=False)
-DigitsTransferSet(teacher_cache=cache).prepare_data()
+TeacherCache(sys.argv[1], teacher=Slow(), batch_size=16, progress=False).ensure(Data())
 """
 
 
@@ -352,6 +368,21 @@ def test_writer_killed_mid_build_leaves_no_acceptable_file(tmp_path):
     with pytest.raises(TeacherCacheError, match="64 logits but the data has 10 classes"):
         dm.prepare_data()
     assert list(tmp_path.glob(".killed.cache.*.tmp")) == []
+
+
+def test_dataloader_workers_reopen_the_map_instead_of_copying_it(built):
+    dm, path, checkpoint = built
+    outputs = dm.dataset("train").teacher_outputs
+    outputs.lookup(torch.arange(4), torch.zeros(4, dtype=torch.long))  # opens the map here
+    assert len(pickle.dumps(outputs)) < 2_000  # path and layout only, not the outputs
+    dm.num_workers = 2
+    with_workers = list(dm.train_dataloader())
+    dm.num_workers = 0
+    in_process = list(dm.train_dataloader())
+    assert len(with_workers) == len(in_process)
+    for a, b in zip(with_workers, in_process, strict=True):
+        assert torch.equal(a["index"], b["index"])
+        assert torch.equal(a["teacher_logits"], b["teacher_logits"])
 
 
 # ---------------------------------------------------------------------------- dtypes and top-k
