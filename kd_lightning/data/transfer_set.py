@@ -127,7 +127,7 @@ class EpochSeededSampler(Sampler):
 
 def _view_offsets(indices: torch.Tensor, seed: int) -> torch.Tensor:
     """A fixed pseudo-random offset in [0, 2**31) per (seed, index): views cycle out of phase."""
-    mixed = (indices.long() * 0x9E3779B1 + seed * 0x85EBCA6B) & 0x7FFFFFFF
+    mixed = (indices.long() * 0x9E3779B1 + (seed & 0x7FFFFFFF) * 0x85EBCA6B) & 0x7FFFFFFF
     return (mixed ^ (mixed >> 15)) * 0x2C1B3C6D & 0x7FFFFFFF
 
 
