@@ -29,6 +29,9 @@ class OfflineRun:
     group: str = ""
     job_type: str = ""
     name: str = ""
+    artifacts: list[dict[str, str]] = field(default_factory=list)
+    """``{"name", "type"}`` of each artifact the run logged (e.g. a ``model`` checkpoint)."""
+    directory: Path | None = None
 
     @property
     def metric_keys(self) -> set[str]:
@@ -75,7 +78,7 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
     data = files[0].read_bytes()
     if not data.startswith(b":W&B"):
         raise ValueError(f"{str(files[0])!r} is not a W&B run file")
-    run = OfflineRun()
+    run = OfflineRun(directory=files[0].parent)
     for raw in _records(data):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -98,4 +101,25 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_item_key(item)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            run.artifacts.append({"name": record.artifact.name, "type": record.artifact.type})
     return run
+
+
+def read_offline_runs(wandb_dir: str | Path) -> list[OfflineRun]:
+    """Every ``offline-run-*`` under ``wandb_dir`` (a ``wandb`` folder), oldest first."""
+    folders = sorted(Path(wandb_dir).rglob("offline-run-*"))
+    return [read_offline_run(f) for f in folders if f.is_dir()]
+
+
+def read_table(run: OfflineRun, key: str) -> list[dict[str, Any]]:
+    """Rows of a ``wandb.Table`` the run logged under ``key`` (read from the run's files)."""
+    for row in run.history:
+        value = row.get(key)
+        if not isinstance(value, dict):  # nested values arrive flattened: "<key>/_type", ...
+            value = {k[len(key) + 1 :]: v for k, v in row.items() if k.startswith(key + "/")}
+        if value.get("_type") == "table-file":
+            path = run.directory / "files" / value["path"]
+            data = json.loads(path.read_text())
+            return [dict(zip(data["columns"], values, strict=True)) for values in data["data"]]
+    raise KeyError(f"no table {key!r} in the run's history; keys: {sorted(run.metric_keys)}")
