@@ -21,6 +21,7 @@ from kd_lightning.functional.soft_target import (
     logit_matching_mse,
     soft_target_kl,
 )
+from kd_lightning.functional.sparse_soft_target import sparse_soft_target_kl, topk_log_probs
 
 __all__ = [
     "IGNORE_INDEX",
@@ -40,5 +41,7 @@ __all__ = [
     "sample_negatives",
     "similarity_preserving",
     "soft_target_kl",
+    "sparse_soft_target_kl",
+    "topk_log_probs",
     "variational_information",
 ]

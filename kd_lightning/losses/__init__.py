@@ -25,6 +25,7 @@ from kd_lightning.losses.soft_target import (
     LogitMatchingMSELoss,
     SoftTargetKLLoss,
 )
+from kd_lightning.losses.sparse_soft_target import SparseSoftTargetKLLoss
 
 __all__ = [
     "AttentionTransferLoss",
@@ -42,5 +43,6 @@ __all__ = [
     "RKDLoss",
     "SimilarityPreservingLoss",
     "SoftTargetKLLoss",
+    "SparseSoftTargetKLLoss",
     "VIDLoss",
 ]
