@@ -126,6 +126,10 @@ class BestValSnapshot(Callback):
         self.last_value: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
 
+    @property
+    def state_key(self) -> str:
+        return "kd_lightning.bench.BestValSnapshot"  # subclasses share the checkpointed state
+
     def _better(self, value: float) -> bool:
         if self.best_value is None:
             return True

@@ -769,6 +769,7 @@ def run_study(
     paths = write_report(rows, study.output_dir, title=study.name, notes=notes, echo=echo)
     if tracker is not None:
         tracker.log_table(rows, study_name=study.name, plot=paths.get("png"))
+        tracker.close()
     results.rows, results.paths, results.output_dir = rows, paths, study.output_dir
     return results
 

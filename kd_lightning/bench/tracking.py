@@ -17,6 +17,7 @@ the study warns once and goes on with CSV logs only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -194,3 +195,11 @@ class StudyTracker:
             run.finish()
         except Exception as error:  # noqa: BLE001
             self._warn(error)
+
+    def close(self) -> None:
+        """Shut the W&B service down so every run file is complete on disk (offline readers)."""
+        if self.failed is None:
+            with contextlib.suppress(Exception):
+                import wandb
+
+                wandb.teardown()
