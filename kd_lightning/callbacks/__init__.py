@@ -7,11 +7,23 @@ from kd_lightning.callbacks.pruning import (
     install_masks,
     install_pruning_for_state_dict,
 )
+from kd_lightning.callbacks.quantization import (
+    QuantizationAwareTraining,
+    load_compressed_student,
+    load_quantized,
+    quantize_student,
+    save_quantized,
+)
 
 __all__ = [
     "IterativePruning",
     "MagnitudePruning",
     "OptimalBrainDamage",
+    "QuantizationAwareTraining",
     "install_masks",
     "install_pruning_for_state_dict",
+    "load_compressed_student",
+    "load_quantized",
+    "quantize_student",
+    "save_quantized",
 ]
