@@ -89,6 +89,9 @@ def test_wandb_offline_run_logs_every_loss_term(teacher_checkpoint, tmp_path, mo
     )
     trainer.fit(_module(teacher_checkpoint), DigitsTransferSet(batch_size=32))
     logger.experiment.finish()
+    import wandb
+
+    wandb.teardown()  # waits for the W&B service to flush the offline run file
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run = read_offline_run(runs[0])
