@@ -58,6 +58,11 @@ QUANTIZED_FILE_KEY = "kd_lightning_quantized"
 SCHEMES = ("dynamic", "static", "qat")
 
 
+def _is_qat_prepared(model: nn.Module) -> bool:
+    """Whether the model carries fake-quantize modules (``prepare_qat`` output)."""
+    return any("FakeQuantize" in type(m).__name__ for m in model.modules())
+
+
 def _example_from(trainer: L.Trainer | None, example_shape: list[int] | None) -> Tensor:
     if example_shape is not None:
         return torch.rand(*example_shape)
