@@ -26,6 +26,7 @@ from torch import nn
 from kd_lightning.data.synthesised import SynthesisedTransferSet
 from kd_lightning.functional.soft_target import hard_label_cross_entropy, soft_target_kl
 from kd_lightning.methods.base import DistillationModule, _default_optimizer
+from kd_lightning.models.spec import instantiate
 from kd_lightning.synthesis import InputSynthesiser, module_digest
 from kd_lightning.teachers import output_logits
 
@@ -81,6 +82,8 @@ class DataFreeDistillation(DistillationModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if hard_label_weight < 0:
             raise ValueError(f"hard_label_weight must be >= 0, got {hard_label_weight}")
+        if isinstance(synthesiser, dict):  # a class_path spec, from a checkpoint's hparams
+            synthesiser = instantiate(synthesiser)
         if synthesiser is not None and not isinstance(synthesiser, InputSynthesiser):
             raise TypeError(
                 "synthesiser must be an InputSynthesiser (kd_lightning.synthesis.DeepInversion or "

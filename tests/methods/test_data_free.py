@@ -165,3 +165,37 @@ def test_validate_only_needs_no_synthesised_set(teacher_checkpoint):
         method, SynthesisedTransferSet(DigitsTransferSet()), verbose=False
     )
     assert "val/acc" in results[0]
+
+
+@pytest.mark.filterwarnings("ignore:.*args parameter is intended.*")
+def test_cli_config_checkpoint_reloads_with_its_synthesiser(teacher_checkpoint, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from kd_lightning.cli import build_cli
+    from kd_lightning.teachers import load_student
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "experiments/digits/data_free_deepinversion.yaml").read_text())
+    init = config["model"]["init_args"]
+    init["teacher"]["init_args"]["checkpoint_path"] = str(teacher_checkpoint)
+    init["num_samples"] = 16
+    init["synthesiser"]["init_args"].update(steps=1, batch_size=16)
+    config["trainer"] = {
+        "max_steps": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "default_root_dir": str(tmp_path),
+        "enable_checkpointing": False,
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    cli = build_cli(["-c", str(tmp_path / "c.yaml")], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = DataFreeDistillation.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.teacher is None and isinstance(loaded.synthesiser, DeepInversion)
+    assert loaded.synthesiser.steps == 1
+    student = load_student(tmp_path / "m.ckpt")
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(student(x), cli.model.student.eval()(x))
