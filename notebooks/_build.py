@@ -7,6 +7,8 @@ the full-length version.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -130,7 +132,7 @@ test = DigitsTransferSet().dataset("test")
 with torch.no_grad():
     predicted = student(test.inputs[:10]).argmax(-1)
 fig, axes = plt.subplots(1, 10, figsize=(10, 1.6))
-for ax, image, label, guess in zip(axes, test.inputs[:10], test.targets[:10], predicted):
+for ax, image, label, guess in zip(axes, test.inputs[:10], test.targets[:10], predicted, strict=True):
     ax.imshow(image[0], cmap="gray_r")
     ax.set_title(f"{guess.item()}" + ("" if guess == label else f" ({label.item()})"), fontsize=9)
     ax.axis("off")
@@ -328,8 +330,11 @@ network), then read it all back, plot it and compare methods seed by seed.""",
 for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
     os.environ[key] = str(OUT / key.lower())
 os.environ["WANDB_MODE"] = "offline"
-os.environ["WANDB_SILENT"] = "true"
-
+os.environ.setdefault("WANDB_SILENT", "true")""",
+    ),
+    (
+        "code",
+        """\
 from kd_lightning.bench import run_study
 
 results = run_study(
@@ -383,7 +388,10 @@ for result in results:
     curves[result["run"]] = [row["val/acc"] for row in metrics if row.get("val/acc") is not None]
 for name, curve in curves.items():
     plt.plot(range(1, len(curve) + 1), [100 * v for v in curve], marker="o", label=name)
-plt.xlabel("epoch"); plt.ylabel("val accuracy %"); plt.legend(); plt.show()
+plt.xlabel("epoch")
+plt.ylabel("val accuracy %")
+plt.legend()
+plt.show()
 best = {r["run"]: r for r in results if r["seed"] == 0}
 for name, curve in curves.items():  # the best-val column comes from the best epoch of this curve
     assert best[name]["best_epoch"] == curve.index(max(curve)) + 1""",
@@ -411,7 +419,7 @@ assert kd.config["model"]["init_args"]["loss_terms"][0]["init_args"]["name"] == 
 wandb_curve = [row["val/acc"] for row in kd.history if "val/acc" in row]
 csv_curve = curves["hinton_kd@10%"]
 assert len(wandb_curve) == len(csv_curve)  # W&B and CSV logged the same values
-assert all(abs(a - b) < 1e-6 for a, b in zip(wandb_curve, csv_curve))
+assert all(abs(a - b) < 1e-6 for a, b in zip(wandb_curve, csv_curve, strict=True))
 summary = next(run for run in runs if run.job_type == "summary")
 assert [row["run"] for row in read_table(summary, "study/results")] == [row["run"] for row in table]""",
     ),
@@ -444,6 +452,8 @@ def main() -> None:
     ]:
         nbformat.write(notebook(cells), HERE / name)
         print(HERE / name)
+    # The notebooks' code follows the project's style too (ruff formats .ipynb cells).
+    subprocess.run([sys.executable, "-m", "ruff", "format", "--quiet", str(HERE)], check=False)
 
 
 if __name__ == "__main__":
