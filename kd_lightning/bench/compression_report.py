@@ -228,6 +228,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in [
@@ -240,6 +241,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.annotate(r["name"], (x, 100 * r["test_acc"]), fontsize=8, xytext=(4, 3),
                         textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy %")
         ax.grid(True, alpha=0.3)
