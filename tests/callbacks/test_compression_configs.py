@@ -15,9 +15,6 @@ from kd_lightning.bench.study import quiet_lightning
 from kd_lightning.cli import build_cli
 from kd_lightning.compression import sparsity_of
 
-# Full schedules (12 epochs of 1 batch, 3 Hessians) take 10-30 s each on a busy 2-core box.
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2] / "experiments" / "digits"
 PRUNING = ["prune_obd_distil.yaml", "prune_magnitude.yaml", "prune_obd_labels.yaml"]
 
