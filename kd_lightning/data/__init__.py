@@ -2,6 +2,7 @@
 
 from kd_lightning.data.cifar import CIFAR10TransferSet, CIFAR100TransferSet, ImageTransferSet
 from kd_lightning.data.digits import DigitsTransferSet
+from kd_lightning.data.synthesised import SynthesisedTransferSet
 from kd_lightning.data.synthetic import SyntheticTransferSet
 from kd_lightning.data.teacher_cache import InvalidCacheFile, TeacherCache, TeacherCacheError
 from kd_lightning.data.transfer_set import (
@@ -17,6 +18,7 @@ __all__ = [
     "EpochSeededSampler",
     "ImageTransferSet",
     "InvalidCacheFile",
+    "SynthesisedTransferSet",
     "SyntheticTransferSet",
     "TeacherCache",
     "TeacherCacheError",

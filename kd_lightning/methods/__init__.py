@@ -1,6 +1,7 @@
 """LightningModules: who teaches whom. All share :class:`DistillationModule`."""
 
 from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.data_free import DataFreeDistillation
 from kd_lightning.methods.loss_term import LossTerm
 from kd_lightning.methods.offline import (
     BornAgain,
@@ -24,6 +25,7 @@ __all__ = [
     "PSKD",
     "BornAgain",
     "BranchSelfDistillation",
+    "DataFreeDistillation",
     "DistillationModule",
     "EMATeacher",
     "LossTerm",

@@ -312,6 +312,11 @@ class DistillationModule(L.LightningModule):
         if prefixes:
             own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
             checkpoint["state_dict"].update(own)
+        # A pruned checkpoint stores weight_orig + weight_mask: install the same pruning
+        # parametrisation so the state loads without the pruning callback.
+        from kd_lightning.callbacks.pruning import install_pruning_for_state_dict
+
+        install_pruning_for_state_dict(self, checkpoint["state_dict"])
 
     @classmethod
     def load_from_checkpoint(

@@ -21,6 +21,7 @@ from kd_lightning.models.cifar import (
     WRN40x2,
     cifar_model,
 )
+from kd_lightning.models.from_checkpoint import FromCheckpoint
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.small_cnn import SmallCNN
 from kd_lightning.models.spec import instantiate, model_spec, records_init_args
@@ -28,6 +29,7 @@ from kd_lightning.models.tiny_vit import TinyViT
 
 __all__ = [
     "CIFAR_MODELS",
+    "FromCheckpoint",
     "MLP",
     "MobileNetV2",
     "ResNet8",
