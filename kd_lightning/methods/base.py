@@ -1,10 +1,12 @@
 """``DistillationModule``: the template every distillation method follows.
 
-The base owns everything methods share: hyperparameters, teacher freezing, one step for
-train/val/test, metrics cloned per stage, logging of every loss term, the optimizer over the
-trainable parameters only, start-up checks, and checkpoints that keep frozen teachers out.
-Subclasses own which models exist (:meth:`forward_models`) and how knowledge is compared
-(:meth:`compute_losses`).
+The base builds, freezes and records every model a method names in its class attributes, runs
+the knowledge sources, evaluates the objective (a list of
+:class:`~kd_lightning.objective.LossTerm`), logs every term and metric, checks one example batch
+before any step, keeps frozen teachers out of the optimizer and the checkpoint, and writes the
+student artifact (:mod:`kd_lightning.artifact`) into every checkpoint. A method says only what
+differs: which models exist (``student_args``, ``teacher_args``), its default objective, and, if
+it must, which sources run in a step (:meth:`DistillationModule.forward_knowledge`).
 """
 
 from __future__ import annotations
@@ -16,195 +18,243 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins import HyperparametersMixin
-from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lightning.functional.soft_target import IGNORE_INDEX
-from kd_lightning.metrics import TeacherStudentKL, TopOneAgreement
+from kd_lightning.artifact import CHECKPOINT_KEY, read_checkpoint, student_record
+from kd_lightning.data.batch import batch_size_of, normalise_batch
+from kd_lightning.features import FeatureCapture
+from kd_lightning.methods.checks import (
+    check_class_count,
+    check_targets,
+    rng_state,
+    set_rng_state,
+    untouched,
+)
+from kd_lightning.methods.metrics import KnowledgeMetrics
+from kd_lightning.methods.nonfinite import NonFiniteGuard
 from kd_lightning.models.spec import instantiate, model_spec
-from kd_lightning.teachers import CHECKPOINT_KEY, FrozenTeacher, output_logits
-
-try:  # set by LightningCLI while it instantiates the model: hparams are then the parsed config
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older/newer Lightning without it
-    _given_hyperparameters = None
+from kd_lightning.objective import LossTerm, Objective, Progress
+from kd_lightning.teachers import CachedTeacher, FrozenTeacher, call_model, output_logits
+from kd_lightning.teachers.cached import batch_has_cache
 
 STAGES = ("train", "val", "test")
 
 
-def _default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+def default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam with learning rate 1e-3: the default of every method (``optimizer=`` replaces it)."""
     return torch.optim.Adam(params, lr=1e-3)
 
 
-def _is_unserialisable(value: Any) -> bool:
-    if isinstance(value, nn.Module) or (callable(value) and not isinstance(value, type)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_is_unserialisable(v) for v in value)
-    return False
-
-
-def normalise_batch(batch: Any) -> dict[str, Any]:
-    """A transfer-set batch as a dict (``input``, ``target``, ``index``, optional cached teacher outputs).
-
-    A plain ``(x, y)`` tuple from a user's own DataModule is accepted; ``index`` is then absent.
-    """
-    if isinstance(batch, dict):
-        if "input" not in batch:
-            raise KeyError(f"a batch dict needs an 'input' entry; got keys {sorted(batch)}")
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return {"input": batch[0], "target": batch[1]}
-    raise TypeError(
-        "a batch must be a dict with 'input' and 'target' (see TransferSetDataModule) or an "
-        f"(input, target) tuple; got {type(batch).__name__}"
-    )
+def _knowledge_names(arg: str, value: Any) -> list[str]:
+    """Knowledge names of a model argument: ``student`` -> [student]; ``peers`` -> [peer0, ...]."""
+    if isinstance(value, (list, tuple, nn.ModuleList)):
+        stem = arg[:-1] if arg.endswith("s") else arg
+        return [f"{stem}{i}" for i in range(len(value))]
+    return [arg]
 
 
 class DistillationModule(L.LightningModule):
     """Base LightningModule of every distillation method.
 
+    Subclasses name their models in class attributes and pass them to ``__init__``; the base
+    builds each (an ``nn.Module`` or a ``class_path``/``init_args`` spec), wraps teachers as
+    frozen knowledge sources, records the students' specs, and hooks the layers the objective
+    reads.
+
     Args:
-        num_classes: number of classes; checked at start-up against the data and every model's
-            output. ``None`` takes it from the datamodule.
-        optimizer: builds the optimizer from the trainable parameters (students, connectors,
-            learnable loss parts); never sees a frozen teacher. Default: Adam, lr 1e-3.
+        models: ``{argument name: module, spec, list of them, or None}`` for every name in
+            ``student_args`` and ``teacher_args``.
+        loss_terms: the objective (a list of :class:`~kd_lightning.objective.LossTerm`).
+        num_classes: number of classes (or vocabulary size); checked at start-up against the
+            data and every model's output. ``None`` takes it from the data or the student.
+        optimizer: builds the optimizer from the trainable parameters (students, peers,
+            connectors, learnable loss parts); never sees a frozen teacher. Default:
+            :func:`default_optimizer`.
         lr_scheduler: builds the scheduler from the optimizer (optional).
     """
 
     monitor: ClassVar[str] = "val/acc"
     mode: ClassVar[str] = "max"
-    frozen_model_args: ClassVar[tuple[str, ...]] = ()
-    """Init arguments holding frozen teachers: not hyperparameters, not in checkpoints, and
-    ``None`` by default in :meth:`load_from_checkpoint` (a distilled student loads without them)."""
-    student_arg: ClassVar[str] = "student"
-    """Init argument holding the model that is trained and exported."""
+    student_args: ClassVar[tuple[str, ...]] = ("student",)
+    """Init arguments holding trained models; the first is exported as the student."""
+    teacher_args: ClassVar[tuple[str, ...]] = ("teacher",)
+    """Init arguments holding frozen teachers: not hyperparameters, not in checkpoints, ``None``
+    by default in :meth:`load_from_checkpoint`."""
+    hparams_ignore: ClassVar[tuple[str, ...]] = ()
+    """Further init arguments that hold modules or callables (not plain hyperparameters)."""
 
     def __init__(
         self,
+        models: dict[str, Any],
+        loss_terms: list[LossTerm] | None,
         num_classes: int | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self._save_hparams(inspect.currentframe().f_back)
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        ignore = [*models, "models", "loss_terms", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=[*ignore, *self.hparams_ignore])
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self._metrics_ready = False
+        self.model_specs: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}  # knowledge name -> attribute path
+        for name in self.student_args:
+            self._add_model(name, models.get(name), frozen=False)
+        for name in self.teacher_args:
+            self._add_model(name, models.get(name), frozen=True)
+        self.objective = Objective(loss_terms) if loss_terms is not None else None
+        self.metrics_service = KnowledgeMetrics()
+        self.nonfinite = NonFiniteGuard()
+        self._captures: dict[str, FeatureCapture] = {}
+        self._checked = False
+        if self.objective is not None:
+            self._make_captures()
 
-    # ------------------------------------------------------------------ hyperparameters
-    def _save_hparams(self, frame) -> None:
-        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
-        if given is not None:
-            # LightningCLI: hparams are the parsed config (class_path/init_args dicts), which
-            # rebuild every model on load; only frozen teachers are left out.
-            self.save_hyperparameters(ignore=list(self.frozen_model_args), frame=frame)
-            return
-        init_args: dict[str, Any] = {}
-        for local_args in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
-            init_args.update(local_args)
-        ignore = [k for k, v in init_args.items() if _is_unserialisable(v)]
-        ignore += list(self.frozen_model_args)
-        self.save_hyperparameters(ignore=ignore, frame=frame)
-        self._python_init_args = init_args
-
-    def build_model(self, model: nn.Module | dict) -> nn.Module:
-        """Accept a module, or a ``class_path``/``init_args`` spec (hparams of a checkpoint)."""
-        built = instantiate(model) if isinstance(model, dict) else model
+    # ------------------------------------------------------------------ models
+    def _build(self, value: Any, frozen: bool) -> nn.Module | None:
+        if value is None:
+            return None
+        built = instantiate(value) if isinstance(value, dict) else value
         if not isinstance(built, nn.Module):
-            raise TypeError(f"expected an nn.Module or a model spec, got {type(model).__name__}")
+            raise TypeError(f"expected an nn.Module or a model spec, got {type(value).__name__}")
+        if frozen and not hasattr(built, "teach"):
+            built = FrozenTeacher(built)
         return built
 
-    def record_student_spec(self, student: nn.Module) -> None:
-        """Store how to rebuild the student (from the CLI config, or from the zoo model itself)."""
-        if self.student_arg not in self.hparams:
-            spec = model_spec(student)
-            if spec is not None:
-                self.hparams[self.student_arg] = spec
+    def _add_model(self, name: str, value: Any, frozen: bool) -> None:
+        if isinstance(value, (list, tuple)):
+            built = [self._build(v, frozen) for v in value]
+            if len({id(m) for m in built}) != len(built):
+                raise ValueError(
+                    f"the same module object appears twice in `{name}`: give each its own instance"
+                )
+            module: nn.Module | None = nn.ModuleList(built)
+            specs = [v if isinstance(v, dict) else model_spec(m) for v, m in zip(value, built)]
+            names = _knowledge_names(name, value)
+            for i, knowledge_name in enumerate(names):
+                self.sources[knowledge_name] = f"{name}.{i}"
+            if not frozen and all(s is not None for s in specs):
+                self.model_specs[name] = specs
+        else:
+            module = self._build(value, frozen)
+            if module is not None:
+                self.sources[name] = name
+                spec = value if isinstance(value, dict) else model_spec(module)
+                if not frozen and spec is not None:
+                    self.model_specs[name] = spec
+        setattr(self, name, module)
 
-    def freeze_teacher(self, teacher: nn.Module | dict | None) -> FrozenTeacher | None:
-        if teacher is None:
-            return None
-        teacher = self.build_model(teacher)
-        return teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
+    def record_model_specs(self, specs: dict[str, Any]) -> None:
+        """Record how to rebuild models from their config (called by the CLI after parsing)."""
+        for name, spec in specs.items():
+            if name in self.student_args and spec is not None:
+                self.model_specs[name] = spec
 
-    # ------------------------------------------------------------------ template
+    def source(self, name: str) -> nn.Module | None:
+        """The model behind a knowledge name (``student``, ``peer1``, ``teacher``)."""
+        path = self.sources.get(name)
+        return None if path is None else self.get_submodule(path)
+
     @property
-    def student(self) -> nn.Module:
-        return self._student_module
+    def exported_name(self) -> str:
+        """Knowledge name of the model exported as the student (DML overrides it)."""
+        return self.student_args[0]
 
-    @student.setter
-    def student(self, module: nn.Module) -> None:
-        self._student_module = module
+    @property
+    def exported(self) -> nn.Module:
+        """The model exported as the student (prediction, ``load_student``, export)."""
+        return self.source(self.exported_name)
 
-    def forward(self, x: Any) -> torch.Tensor:
-        """Student logits."""
-        return output_logits(self.student(x))
+    def _make_captures(self) -> None:
+        for model_name, layers in self.objective.layers(self.sources).items():
+            model = self.source(model_name)
+            if model is None:
+                continue  # inference-only load without the teacher
+            root = model.hook_root if hasattr(model, "hook_root") else model
+            self._captures[model_name] = FeatureCapture(root, layers, model_name=model_name)
 
-    def forward_models(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Run the models; return at least ``{"student": logits}`` and ``"teacher"`` (logits or None)."""
-        raise NotImplementedError
+    # ------------------------------------------------------------------ knowledge
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """Logits of the exported student: ``(B, C)`` or ``(B, L, V)``."""
+        return output_logits(call_model(self.exported, inputs))
+
+    def run_source(
+        self, name: str, batch: dict[str, Any], knowledge: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Run one knowledge source on ``batch``; return its logits and hooked layers by key."""
+        model = self.source(name)
+        if model is None and name == "teacher" and batch_has_cache(batch):
+            model = CachedTeacher()
+        if model is None:
+            return {}
+        capture = self._captures.get(name)
+        teach = model.teach if hasattr(model, "teach") else None
+        if capture is not None:
+            with capture as features:
+                out = teach(batch, knowledge) if teach else {"logits": call_model(model, batch["input"])}
+            layers = {f"{name}.{k}": v for k, v in features.items()}
+        else:
+            out = teach(batch, knowledge) if teach else {"logits": call_model(model, batch["input"])}
+            layers = {}
+        result = {f"{name}.{k}" if k != "logits" else name: v for k, v in out.items() if not k.startswith("log.")}
+        if name in result:
+            result[name] = output_logits(result[name])
+        result.update({k: v for k, v in out.items() if k.startswith("log.")})
+        result.update(layers)
+        return result
+
+    def forward_knowledge(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        """The step's knowledge: every trained model, then every teacher (override to choose)."""
+        knowledge: dict[str, Any] = {}
+        for name in self.sources:
+            if self.sources[name].split(".")[0] in self.student_args:
+                knowledge.update(self.run_source(name, batch, knowledge))
+        for name in [*self.sources, "teacher"]:
+            top = self.sources.get(name, name).split(".")[0]
+            if top in self.teacher_args and name not in knowledge:
+                knowledge.update(self.run_source(name, batch, knowledge))
+        return knowledge
 
     def compute_losses(
-        self, outputs: dict[str, Any], batch: dict[str, Any]
+        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
     ) -> dict[str, torch.Tensor]:
-        """Return ``{"loss": total, <term>: value, ...}``."""
-        raise NotImplementedError
+        """``{"loss": total, <term name>: value}`` from the objective (override for more)."""
+        return self.objective.evaluate(knowledge, batch, self.sources, self.progress)
 
-    def validate_setup(self, example: dict[str, Any]) -> None:
-        """Start-up checks of a subclass, run on an example batch before any training step."""
+    @property
+    def progress(self) -> Progress:
+        """Training progress for schedules (epoch 0 outside a trainer)."""
+        if self._trainer is None:
+            return Progress()
+        return Progress(self.current_epoch, self.global_step, self.trainer.max_epochs)
 
-    # ------------------------------------------------------------------ metrics
-    def configure_metrics(self, num_classes: int) -> None:
-        student = MetricCollection(
-            {"acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)}
-        )
-        teacher = MetricCollection({"agreement": TopOneAgreement(), "kl": TeacherStudentKL()})
-        # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
-        self.student_metrics = nn.ModuleDict(
-            {f"{s}_metrics": student.clone(prefix=f"{s}/") for s in STAGES}
-        )
-        self.teacher_metrics = nn.ModuleDict(
-            {f"{s}_metrics": teacher.clone(prefix=f"{s}/") for s in STAGES}
-        )
-        self._metrics_ready = True
-
-    def log_metrics(
-        self, stage: str, student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor
-    ) -> None:
-        metrics = self.student_metrics[f"{stage}_metrics"]
-        metrics.update(student.detach(), target)
-        self.log_dict(metrics, on_step=False, on_epoch=True)
-        if teacher is not None:
-            teacher_metrics = self.teacher_metrics[f"{stage}_metrics"]
-            teacher_metrics.update(student.detach(), teacher.detach())
-            self.log_dict(teacher_metrics, on_step=False, on_epoch=True)
+    def metric_sources(self) -> list[str]:
+        """Knowledge names that get their own ``<stage>/acc_<name>`` (default: none)."""
+        return []
 
     # ------------------------------------------------------------------ steps
     def shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         batch = normalise_batch(batch)
-        outputs = self.forward_models(batch)
-        losses = self.compute_losses(outputs, batch)
-        batch_size = batch["target"].shape[0]
+        if not self._checked:
+            self.check_example(batch)
+        knowledge = self.forward_knowledge(batch, stage)
+        losses = self.compute_losses(knowledge, batch, stage)
+        if stage == "train":
+            self.nonfinite.record(losses)
+        size = batch_size_of(batch)
         logged = {
             f"{stage}/loss" if k == "loss" else f"{stage}/loss_{k}": v.detach()
             for k, v in losses.items()
         }
-        self.log_dict(
-            logged,
-            on_step=stage == "train",
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=stage != "train",
-            prog_bar=False,
-        )
-        self.log_metrics(stage, outputs["student"], outputs.get("teacher"), batch["target"])
+        logged.update({f"{stage}/{k[4:]}": v for k, v in knowledge.items() if k.startswith("log.")})
+        total = logged.pop(f"{stage}/loss")
+        common = {"on_epoch": True, "batch_size": size, "sync_dist": stage != "train"}
+        self.log(f"{stage}/loss", total, on_step=stage == "train", prog_bar=True, **common)
+        self.log_dict(logged, on_step=stage == "train", **common)
+        self.metrics_service.update(self, stage, knowledge, batch)
         return losses["loss"]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -217,15 +267,19 @@ class DistillationModule(L.LightningModule):
         self.shared_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Student class probabilities (float32)."""
+        """Student class probabilities (float32), ``(B, C)`` or ``(B, L, V)``."""
         batch = normalise_batch(batch)
         return torch.softmax(self(batch["input"]).float(), dim=-1)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.nonfinite.maybe_raise(self)
+
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite.raise_if_tripped()
+
     # ------------------------------------------------------------------ start-up checks
     def setup(self, stage: str) -> None:
-        datamodule = (
-            getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        )
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         data_classes = getattr(datamodule, "num_classes", None)
         if self.num_classes is None:
             self.num_classes = data_classes
@@ -235,43 +289,66 @@ class DistillationModule(L.LightningModule):
                 f"{data_classes} classes; set model.init_args.num_classes to {data_classes} "
                 "(the CLI links it from data.num_classes when you leave it out)"
             )
-        example = datamodule.example_batch() if hasattr(datamodule, "example_batch") else None
-        if example is not None:
-            self._check_class_counts(example)
-            if stage != "predict":  # prediction needs the student only
-                self.validate_setup(example)
+        if datamodule is not None and hasattr(datamodule, "example_batch"):
+            example = datamodule.example_batch()
+            if example is not None:
+                self.check_example(example, stage)
+
+    def check_example(self, batch: Any, stage: str = "fit") -> None:
+        """Start-up checks on one example batch, before any step; changes no state.
+
+        Checks labels (dtype, range), every model's class count, and runs the objective once so
+        that shape mismatches, missing layers and cache settings fail now with a message that
+        names the fix. Studies call it for every run before the first one trains.
+
+        Raises:
+            ValueError, TypeError: naming the problem and the fix.
+        """
+        batch = normalise_batch(batch)
+        check_targets(batch.get("target"), self.num_classes)
+        with untouched(self):
+            knowledge = self.forward_knowledge(batch, "val")
+            for name in self.sources:
+                if name in knowledge:
+                    self.num_classes = check_class_count(
+                        f"{name} ({self.sources[name]})" if name != self.sources[name] else name,
+                        knowledge[name], self.num_classes,
+                    )  # fmt: skip
+            if stage in ("fit", "validate", "test") and self.objective is not None:
+                self.check_objective(knowledge, batch)
         if self.num_classes is None:
-            raise ValueError(
-                "num_classes is unknown: pass num_classes to the method or use a TransferSetDataModule"
-            )
-        if not self._metrics_ready:
-            self.configure_metrics(self.num_classes)
+            raise ValueError("num_classes is unknown: pass num_classes to the method")
+        self.metrics_service.configure(self, self.num_classes)
+        self._checked = True
 
-    @torch.no_grad()
-    def _check_class_counts(self, example: dict[str, Any]) -> None:
-        for name, model in self.named_output_models():
-            was_training = model.training
-            model.eval()  # a dry run must not touch BatchNorm statistics
-            try:
-                logits = output_logits(model(example["input"]))
-            finally:
-                model.train(was_training)
-            classes = logits.shape[-1]
-            if self.num_classes is None:
-                self.num_classes = classes
-            if classes != self.num_classes:
+    def check_objective(self, knowledge: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Run every term once on the example (errors name the term and the shapes)."""
+        from kd_lightning.methods.term_errors import explain_term_error
+
+        if self.objective.uses_teacher and "teacher" in self.teacher_args:
+            has_teacher = any(k == "teacher" or k.startswith("teacher.") for k in knowledge)
+            if not has_teacher:
                 raise ValueError(
-                    f"the {name} outputs {classes} logits but the task has {self.num_classes} "
-                    f"classes; build the {name} with num_classes={self.num_classes} (or use a "
-                    f"{name} checkpoint trained on this data)"
+                    f"{type(self).__name__}'s loss terms need a teacher: set "
+                    "model.init_args.teacher (e.g. class_path: "
+                    "kd_lightning.teachers.PretrainedTeacher with a checkpoint_path), or attach "
+                    "a teacher-output cache to the data"
                 )
-
-    def named_output_models(self) -> list[tuple[str, nn.Module]]:
-        """Every model whose logits must have ``num_classes`` entries (student, teachers, peers)."""
-        return [("student", self.student)]
+        if batch_has_cache(batch):
+            cached = CachedTeacher(getattr(batch, "header", None))
+            cached.check(
+                {t.name: getattr(t.loss, "temperature", None) for t in self.objective
+                 if "teacher.topk" in t.keys("teacher", self.sources)}
+            )  # fmt: skip
+        for term in self.objective:
+            try:
+                term(knowledge, batch, self.sources, self.progress)
+            except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
+                raise ValueError(explain_term_error(term, knowledge, self.sources, err)) from err
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters with ``requires_grad`` (frozen teachers and EMA copies have none)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
@@ -285,50 +362,87 @@ class DistillationModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def frozen_prefixes(self) -> list[str]:
-        return [
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of frozen teachers (kept out of checkpoints)."""
+        return tuple(
             f"{name}."
             for name, module in self.named_modules()
             if name and isinstance(module, FrozenTeacher)
-        ]
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefixes = tuple(self.frozen_prefixes())
+        self.nonfinite.raise_if_tripped()
+        prefixes = self.frozen_prefixes()
         if prefixes:
             checkpoint["state_dict"] = {
                 k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
             }
-        spec = self.hparams.get(self.student_arg)
+        exported = self.exported_name
+        path = self.sources[exported]
+        top = path.split(".")[0]
+        spec = self.model_specs.get(top)
+        if isinstance(spec, list):
+            spec = spec[int(path.split(".")[1])]
         checkpoint[CHECKPOINT_KEY] = {
-            "student_spec": spec if isinstance(spec, dict) else model_spec(self.student),
+            "format": 2,
+            "student_spec": spec if spec is not None else model_spec(self.exported),
+            "student_prefix": f"{path}.",
             "num_classes": self.num_classes,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_specs": dict(self.model_specs),
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen teachers come from their own source, not from this checkpoint: put their
-        # current weights back so strict loading (of the student and everything trained) holds.
-        prefixes = tuple(self.frozen_prefixes())
+        # current weights back so strict loading (of everything trained) holds.
+        prefixes = self.frozen_prefixes()
         if prefixes:
             own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
             checkpoint["state_dict"].update(own)
-        # A pruned checkpoint stores weight_orig + weight_mask: install the same pruning
-        # parametrisation so the state loads without the pruning callback.
         from kd_lightning.callbacks.pruning import install_pruning_for_state_dict
 
         install_pruning_for_state_dict(self, checkpoint["state_dict"])
+        record = checkpoint.get(CHECKPOINT_KEY, {})
+        if "rng" in record and self._trainer is not None:
+            set_rng_state(record["rng"])  # resume draws the numbers an unbroken run draws
 
     @classmethod
     def load_from_checkpoint(
-        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=True, **kwargs
     ):
-        """Load a trained method; frozen teachers default to ``None`` so the student loads alone."""
-        for name in cls.frozen_model_args:
-            kwargs.setdefault(name, None)
-        return super().load_from_checkpoint(
-            checkpoint_path,
-            map_location=map_location,
-            hparams_file=hparams_file,
-            strict=strict,
-            **kwargs,
-        )
+        """Rebuild a trained method from its checkpoint (frozen teachers default to ``None``).
+
+        Models are rebuilt from their recorded specs; arguments without one (a model or loss
+        built in Python outside the zoo) must be passed as keyword arguments.
+
+        Raises:
+            ValueError: a required argument cannot be rebuilt; the message names it.
+        """
+        checkpoint = read_checkpoint(checkpoint_path)
+        record = student_record(checkpoint, checkpoint_path)
+        args = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items()
+                if not k.startswith("_")}  # fmt: skip
+        args.update({k: instantiate(v) for k, v in record.get("init_specs", {}).items()})
+        for name in cls.teacher_args:
+            args.setdefault(name, None)
+        args.update(kwargs)
+        parameters = inspect.signature(cls.__init__).parameters
+        missing = [
+            n for n, p in parameters.items()
+            if n != "self" and p.default is inspect.Parameter.empty and n not in args
+            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"{str(checkpoint_path)!r} does not record how to rebuild {missing} (built in "
+                f"Python): pass them, e.g. {cls.__name__}.load_from_checkpoint(path, "
+                f"{missing[0]}=<the same module>)"
+            )
+        args = {k: v for k, v in args.items() if k in parameters}
+        model = cls(**args)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        if map_location is not None:
+            model = model.to(map_location)
+        return model.eval()

@@ -2,47 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from kd_lightning.functional.soft_target import hard_label_cross_entropy
-from kd_lightning.methods.base import DistillationModule, _default_optimizer
+from kd_lightning.losses import HardLabelCrossEntropy
+from kd_lightning.methods.base import DistillationModule, default_optimizer
+from kd_lightning.objective import LossTerm
 
 
 class Supervised(DistillationModule):
-    """Train ``model`` with cross-entropy on the labeled samples (``target == -1`` is ignored).
+    """Train ``model`` with cross-entropy on the labeled samples (negative targets are ignored).
 
     The checkpoint stores ``model`` as the student, so :class:`~kd_lightning.teachers.PretrainedTeacher`
     can load it as the teacher of a distillation run.
 
     Args:
         model: the network to train.
+        loss_terms: the objective; default: the hard-label cross-entropy (``ce``).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory.
         lr_scheduler: scheduler factory.
     """
 
-    student_arg = "model"
+    student_args = ("model",)
+    teacher_args = ()
 
     def __init__(
         self,
         model: nn.Module,
+        loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(num_classes=num_classes, optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.student = self.build_model(model)
-        self.record_student_spec(self.student)
-
-    def forward_models(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"student": self(batch["input"]), "teacher": None}
-
-    def compute_losses(
-        self, outputs: dict[str, Any], batch: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        ce = hard_label_cross_entropy(outputs["student"], batch["target"])
-        return {"loss": ce, "ce": ce}
+        if loss_terms is None:
+            loss_terms = [LossTerm(HardLabelCrossEntropy(), name="ce", student="model")]
+        super().__init__(
+            models={"model": model},
+            loss_terms=loss_terms,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+        )
