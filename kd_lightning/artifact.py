@@ -49,15 +49,16 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     """
     path = Path(path)
     if not path.is_file():
+        who = "the teacher" if "teacher" in what else "it"
         raise FileNotFoundError(
-            f"{what} {str(path)!r} does not exist. Train it first (e.g. `kd-lightning fit -c "
+            f"{what} {str(path)!r} does not exist. Train {who} first (e.g. `kd-lightning fit -c "
             "experiments/digits/teacher.yaml`) or fix the path."
         )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure means the file is unusable as is
         text = str(err)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:
             raise ValueError(
                 f"{what} {str(path)!r} holds Python objects beyond tensors and plain containers; "
                 "loading it would run code from the file, so kd_lightning refuses it. "

@@ -156,12 +156,22 @@ class DistillationModule(L.LightningModule):
     def source(self, name: str) -> nn.Module | None:
         """The model behind a knowledge name (``student``, ``peer1``, ``teacher``)."""
         path = self.sources.get(name)
-        return None if path is None else self.get_submodule(path)
+        if path is None:
+            return None
+        module: nn.Module = self
+        for part in path.split("."):
+            module = module._modules[part]  # not getattr: `student` is also a property
+        return module
 
     @property
     def exported_name(self) -> str:
         """Knowledge name of the model exported as the student (DML overrides it)."""
         return self.student_args[0]
+
+    @property
+    def student(self) -> nn.Module:
+        """The exported student (same as :attr:`exported`)."""
+        return self.exported
 
     @property
     def exported(self) -> nn.Module:
