@@ -6,6 +6,13 @@ assistant first, then the assistant into the student (or through several assista
 chain ``teacher -> assistants[0] -> ... -> student``, stage k trains model k+1 from the frozen
 model k for ``stage_epochs[k]`` epochs with the loss terms (default: Hinton's objective).
 
+The objective is a list of :class:`~kd_lightning.objective.LossTerm` over two knowledge names
+that every stage fills: ``trainee`` (the logits of the model this stage trains) and
+``stage_teacher`` (the logits of its frozen teacher: the original teacher, or the assistant
+trained in the stage before). A term sees the progress of its own stage (epochs counted from
+the stage's start, ``max_epochs`` = that stage's epochs), so warm-ups and ``pretrain_epochs``
+restart with every stage, as in the paper, where each stage is a training run of its own.
+
 How the stages run in one ``fit``:
 
 - The stage of an epoch is a function of the epoch number alone (cumulative ``stage_epochs``),
@@ -15,8 +22,11 @@ How the stages run in one ``fit``:
   (it runs in eval mode, without autograd), and a fresh optimizer (and scheduler) for the next
   model is built with ``trainer.strategy.setup_optimizers(trainer)``: the documented way to
   re-run ``configure_optimizers``. That keeps automatic optimization (gradient accumulation,
-  clipping, AMP) working; it suits single-device and DDP strategies, not ones that shard
-  optimizer state at setup (DeepSpeed, FSDP).
+  clipping, AMP) working.
+- Under DDP the module is wrapped again at each boundary (``DDPStrategy.configure_ddp``):
+  DDP reduces the gradients of the parameters that required grad when it was built, so without
+  a new wrapper the next model would train apart on every rank. Other multi-process
+  strategies (FSDP, DeepSpeed: they shard at setup) are refused at start-up.
 - The checkpoint records the stage whose optimizer it holds and keeps every trained model
   (assistants and student); the original teacher stays out of it (a
   :class:`~kd_lightning.teachers.FrozenTeacher` reloaded from its own checkpoint).
@@ -25,46 +35,79 @@ How the stages run in one ``fit``:
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from kd_lightning.artifact import CHECKPOINT_KEY
+from kd_lightning.data.batch import normalise_batch
 from kd_lightning.features import _eval_mode
-from kd_lightning.methods.base import DistillationModule, _default_optimizer
-from kd_lightning.methods.loss_term import LOGITS, LossTerm
-from kd_lightning.methods.offline import hinton_loss_terms
-from kd_lightning.methods.online import log_accuracy, make_accuracies
-from kd_lightning.models.spec import model_spec
-from kd_lightning.teachers import CHECKPOINT_KEY, output_logits
+from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
+from kd_lightning.methods.base import DistillationModule, default_optimizer
+from kd_lightning.methods.checks import check_class_count, untouched
+from kd_lightning.methods.term_errors import explain_term_error
+from kd_lightning.objective import LossTerm, Progress
+
+TRAINEE = "trainee"
+"""Knowledge name of the logits of the model the current stage trains."""
+STAGE_TEACHER = "stage_teacher"
+"""Knowledge name of the logits of the current stage's frozen teacher."""
+
+
+def takd_loss_terms(temperature: float = 4.0, alpha: float = 0.9) -> list[LossTerm]:
+    """Hinton's objective for every stage: ``alpha * T^2 KL(stage_teacher || trainee) +
+    (1 - alpha) * CE(trainee)``, as terms ``kd`` and ``ce``.
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1] or a temperature that is not > 0.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    terms = []
+    if alpha > 0:
+        terms.append(LossTerm(SoftTargetKLLoss(temperature), weight=alpha, name="kd",
+                              student=TRAINEE, teacher=STAGE_TEACHER))  # fmt: skip
+    if alpha < 1:
+        terms.append(LossTerm(HardLabelCrossEntropy(), weight=1 - alpha, name="ce", student=TRAINEE))
+    return terms
 
 
 class ProgressiveDistillation(DistillationModule):
     """Teacher -> assistant(s) -> student, one stage after the other in a single ``fit``.
 
-    Logs ``{stage}/acc_stage<k>`` (k = 1, 2, ...: the model trained in stage k, logged during
-    that stage), ``{stage}/agreement`` and ``{stage}/kl`` between that model and its teacher,
-    and ``{stage}/acc`` for the final student (in validation and test at every stage, so
-    ``val/acc`` always describes the exported model). ``trainer.max_epochs`` must equal
+    Knowledge of a step: ``trainee`` and ``stage_teacher`` (what the loss terms read), the same
+    tensors under the models' own names (``assistant0``, ``student``, ``teacher``) and under
+    ``stage<k>`` (k = 1, 2, ...: the model trained in stage k). In validation and test the
+    final ``student`` and the original ``teacher`` also run at every stage, so ``val/acc``,
+    ``val/agreement`` and ``val/kl`` always describe the exported student (and its agreement
+    with the original teacher), whichever model is training. Logs ``{stage}/acc_stage<k>`` for
+    the model trained in stage k during that stage. ``trainer.max_epochs`` must equal
     ``sum(stage_epochs)``.
 
     Args:
-        student: the final, smallest model (exported as ``student.*``).
+        student: the final, smallest model (exported as the student).
         teacher: the frozen original teacher (e.g.
-            :class:`~kd_lightning.teachers.PretrainedTeacher`); ``None`` only for inference
-            after :meth:`load_from_checkpoint`.
+            :class:`~kd_lightning.teachers.PretrainedTeacher`), or ``None`` with a teacher
+            cache (stage 1 reads it) or for inference after :meth:`load_from_checkpoint`.
         assistants: intermediate models, largest first; every model must output
             ``num_classes`` logits (checked at start-up, naming the one that disagrees).
         stage_epochs: epochs of each stage, ``len(assistants) + 1`` entries.
-        loss_terms: the objective of every stage, on logits (default: Hinton's T=4, 0.9 KD +
-            0.1 CE).
+        loss_terms: the objective of every stage over ``trainee`` and ``stage_teacher``
+            (replaces the default; then leave ``temperature`` and ``alpha`` unset).
+        temperature: T of the default soft-target term; default 4.
+        alpha: weight of the default soft-target term (``1 - alpha`` on the labels); default 0.9.
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory, called once per stage with that stage's model.
         lr_scheduler: scheduler factory, called once per stage.
     """
 
-    frozen_model_args = ("teacher",)
+    student_args = ("student", "assistants")
+    teacher_args = ("teacher",)
 
     def __init__(
         self,
@@ -73,62 +116,62 @@ class ProgressiveDistillation(DistillationModule):
         assistants: list[nn.Module] | None = None,
         stage_epochs: list[int] | None = None,
         loss_terms: list[LossTerm] | None = None,
+        temperature: float | None = None,
+        alpha: float | None = None,
         num_classes: int | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(num_classes=num_classes, optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.student = self.build_model(student)
-        self.record_student_spec(self.student)
-        self.teacher = self.freeze_teacher(teacher)
-        self.assistants = nn.ModuleList([self.build_model(a) for a in assistants or []])
-        if "assistants" not in self.hparams:  # built in Python: record how to rebuild them
-            specs = [model_spec(a) for a in self.assistants]
-            if all(s is not None for s in specs):
-                self.hparams["assistants"] = specs
-        stages = len(self.assistants) + 1
+        assistants = list(assistants or [])
+        stages = len(assistants) + 1
         if stage_epochs is None:
             raise ValueError(
                 f"stage_epochs is required: {stages} numbers (one per stage: teacher -> "
-                f"{len(self.assistants)} assistant(s) -> student), e.g. {[10] * stages}"
+                f"{len(assistants)} assistant(s) -> student), e.g. {[10] * stages}"
             )
-        if len(stage_epochs) != stages or any(int(e) < 1 for e in stage_epochs):
+        if len(stage_epochs) != stages or any(int(e) != e or e < 1 for e in stage_epochs):
             raise ValueError(
                 f"stage_epochs must list {stages} positive epoch counts (one per stage: "
-                f"{len(self.assistants)} assistant(s) + the student), got {list(stage_epochs)}"
+                f"{len(assistants)} assistant(s) + the student), got {list(stage_epochs)}"
             )
-        self.stage_epochs = [int(e) for e in stage_epochs]
-        terms = loss_terms if loss_terms is not None else hinton_loss_terms()
-        if not terms:
-            raise ValueError("loss_terms is empty: give at least one LossTerm")
-        layered = [t.name for t in terms if t.layer_names("student") or t.layer_names("teacher")]
-        if layered:
+        if loss_terms is None:
+            loss_terms = takd_loss_terms(
+                4.0 if temperature is None else temperature, 0.9 if alpha is None else alpha
+            )
+        elif temperature is not None or alpha is not None:
             raise ValueError(
-                f"ProgressiveDistillation compares logits only; terms {layered} read hooked "
-                "layers: set their student/teacher sources to 'logits'"
+                "temperature and alpha only build the default objective, and loss_terms "
+                "replaces it: set the temperature and weights on your loss terms and leave "
+                "temperature and alpha unset"
             )
-        self.loss_terms = nn.ModuleList(terms)
-        self._stage = 0
-        self._set_stage(0)
-        self._step_outputs: dict[str, Any] | None = None
+        _check_terms(loss_terms, [int(e) for e in stage_epochs])
+        super().__init__(
+            models={"student": student, "teacher": teacher, "assistants": assistants},
+            loss_terms=loss_terms,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+        )
+        self.stage_epochs = [int(e) for e in stage_epochs]
+        self.stage = 0  # the stage whose model trains (the only one with gradients)
+        self.set_stage(0)
 
     # ------------------------------------------------------------------ the chain
     @property
     def num_stages(self) -> int:
         return len(self.stage_epochs)
 
-    @property
-    def stage(self) -> int:
-        """Index (0-based) of the stage whose model is being trained."""
-        return self._stage
+    def trainee_name(self, stage: int) -> str:
+        """Knowledge name of the model trained in ``stage``."""
+        return f"assistant{stage}" if stage < len(self.assistants) else "student"
+
+    def stage_teacher_name(self, stage: int) -> str:
+        """Knowledge name of the frozen model that teaches in ``stage``."""
+        return "teacher" if stage == 0 else self.trainee_name(stage - 1)
 
     def trainee(self, stage: int) -> nn.Module:
         """The model trained in ``stage``."""
-        return self.assistants[stage] if stage < len(self.assistants) else self.student
-
-    def stage_teacher(self, stage: int) -> nn.Module | None:
-        """The frozen model that teaches in ``stage``."""
-        return self.teacher if stage == 0 else self.trainee(stage - 1)
+        return self.source(self.trainee_name(stage))
 
     def stage_of_epoch(self, epoch: int) -> int:
         for stage, end in enumerate(itertools.accumulate(self.stage_epochs)):
@@ -136,115 +179,130 @@ class ProgressiveDistillation(DistillationModule):
                 return stage
         return self.num_stages - 1
 
-    def _set_stage(self, stage: int) -> None:
-        self._stage = stage
+    def set_stage(self, stage: int) -> None:
+        """Give gradients to the model of ``stage`` only (the optimizer is rebuilt by the caller)."""
+        self.stage = stage
         for k in range(self.num_stages):
             for parameter in self.trainee(k).parameters():
                 parameter.requires_grad_(k == stage)
 
-    def named_output_models(self) -> list[tuple[str, nn.Module]]:
-        models: list[tuple[str, nn.Module]] = []
-        if self.teacher is not None:
-            models.append(("teacher", self.teacher))
-        models += [(f"assistant {i} (assistants.{i})", a) for i, a in enumerate(self.assistants)]
-        models.append(("student", self.student))
-        return models
+    def knowledge_names(self) -> list[str]:
+        """Every knowledge name a loss term may read (the terms read ``trainee``/``stage_teacher``)."""
+        return [*self.sources, TRAINEE, STAGE_TEACHER]
+
+    @property
+    def progress(self) -> Progress:
+        """The progress within the current stage (epoch from the stage's start)."""
+        run = super().progress
+        start = sum(self.stage_epochs[: self.stage])
+        return Progress(max(0, run.epoch - start), run.step, self.stage_epochs[self.stage])
+
+    # ------------------------------------------------------------------ knowledge
+    def _run_frozen(self, name: str, batch: dict[str, Any], knowledge: dict[str, Any]) -> dict:
+        model = self.source(name)
+        with torch.no_grad(), _eval_mode(model) if model is not None else nullcontext():
+            return self.run_source(name, batch, knowledge)
+
+    def forward_knowledge(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        trainee, teacher = self.trainee_name(self.stage), self.stage_teacher_name(self.stage)
+        knowledge = self.run_source(trainee, batch, {})
+        knowledge[TRAINEE] = knowledge[f"stage{self.stage + 1}"] = knowledge[trainee]
+        knowledge.update(self._run_frozen(teacher, batch, knowledge))
+        if teacher in knowledge:
+            knowledge[STAGE_TEACHER] = knowledge[teacher]
+        if stage != "train":  # the exported student (and the original teacher) at every stage
+            for name in ("student", "teacher"):
+                if name not in knowledge:
+                    knowledge.update(self._run_frozen(name, batch, knowledge))
+        return knowledge
+
+    def metric_sources(self) -> list[str]:
+        return [f"stage{k + 1}" for k in range(self.num_stages)]
+
+    def compute_losses(
+        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
+    ) -> dict[str, torch.Tensor]:
+        return self.objective.evaluate(knowledge, batch, self.knowledge_names(), self.progress)
+
+    def _make_captures(self) -> None:
+        # The terms read `trainee`/`stage_teacher` logits only (checked in __init__): no hooks.
+        # (The base resolves sources against model names, where `trainee` would be a layer.)
+        return
 
     # ------------------------------------------------------------------ start-up
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            total = sum(self.stage_epochs)
+            if self.trainer.max_epochs != total and not self.trainer.fast_dev_run:
+                raise ValueError(
+                    f"ProgressiveDistillation runs its stages {self.stage_epochs} inside one fit: "
+                    f"set trainer.max_epochs to {total} (the sum of stage_epochs), got "
+                    f"{self.trainer.max_epochs}"
+                )
+            strategy = self.trainer.strategy
+            rewrappable = isinstance(strategy, DDPStrategy) and not isinstance(
+                strategy, DeepSpeedStrategy
+            )
+            if self.trainer.world_size > 1 and not rewrappable:
+                raise ValueError(
+                    f"ProgressiveDistillation changes the trained model at every stage; "
+                    f"{type(strategy).__name__} sets up gradient synchronisation and optimizer "
+                    "state once, so the next stage's model would not train correctly on "
+                    f"{self.trainer.world_size} processes: use strategy: ddp (the module wraps "
+                    "DDP again at each stage) or a single device"
+                )
         super().setup(stage)
-        if stage != "fit":
-            return
-        total = sum(self.stage_epochs)
-        if self.trainer.max_epochs != total and not self.trainer.fast_dev_run:
-            raise ValueError(
-                f"ProgressiveDistillation runs its stages {self.stage_epochs} inside one fit: set "
-                f"trainer.max_epochs to {total} (the sum of stage_epochs), got "
-                f"{self.trainer.max_epochs}"
-            )
-        if self.teacher is None:
-            raise ValueError(
-                "ProgressiveDistillation needs the original teacher to train: set "
-                "model.init_args.teacher (e.g. a kd_lightning.teachers.PretrainedTeacher)"
-            )
 
-    def configure_metrics(self, num_classes: int) -> None:
-        super().configure_metrics(num_classes)
-        names = [f"stage{k + 1}" for k in range(self.num_stages)]
-        self.stage_metrics = make_accuracies(names, num_classes)
+    def check_example(self, batch: Any, stage: str = "fit") -> None:
+        # Every model of the chain, not only the current stage's, before any step.
+        batch = normalise_batch(batch)
+        with untouched(self):
+            classes = self.num_classes
+            for k in range(self.num_stages):
+                name = self.trainee_name(k)
+                logits = self.run_source(name, batch, {})[name]
+                classes = check_class_count(f"{name} ({self.sources[name]})", logits, classes)
+        super().check_example(batch, stage)
+
+    def check_objective(self, knowledge: dict[str, Any], batch: dict[str, Any]) -> None:
+        if self.objective.uses_teacher and STAGE_TEACHER not in knowledge:
+            raise ValueError(
+                "ProgressiveDistillation's first stage needs the original teacher: set "
+                "model.init_args.teacher (e.g. class_path: "
+                "kd_lightning.teachers.PretrainedTeacher with a checkpoint_path), or attach a "
+                "teacher-output cache to the data"
+            )
+        names = self.knowledge_names()
+        for term in self.objective:
+            try:
+                term(knowledge, batch, names, self.progress)
+            except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
+                raise ValueError(explain_term_error(term, knowledge, names, err)) from err
 
     # ------------------------------------------------------------------ stage switching
     def on_train_epoch_start(self) -> None:
         stage = self.stage_of_epoch(self.current_epoch)
-        if stage != self._stage:
-            self._set_stage(stage)
-            # A fresh optimizer (and scheduler) over the new stage's model only.
-            self.trainer.strategy.setup_optimizers(self.trainer)
-
-    # ------------------------------------------------------------------ steps
-    def _teacher_logits(self, model: nn.Module | None, x: Any) -> torch.Tensor | None:
-        if model is None:
-            return None
-        with torch.no_grad(), _eval_mode(model):
-            return output_logits(model(x))
-
-    def forward_models(self, batch: dict[str, Any]) -> dict[str, Any]:
-        x = batch["input"]
-        trainee = self.trainee(self._stage)
-        trained = output_logits(trainee(x))
-        teacher = self._teacher_logits(self.stage_teacher(self._stage), x)
-        if trainee is self.student:
-            student = trained
-        elif not self.training:  # the final student is evaluated at every stage
-            student = output_logits(self.student(x))
-        else:  # training an assistant: running the student would touch its BatchNorm statistics
-            student = None
-        outputs = {"student": student, "teacher": teacher, "trained": trained}
-        self._step_outputs = outputs
-        return outputs
-
-    def compute_losses(
-        self, outputs: dict[str, Any], batch: dict[str, Any]
-    ) -> dict[str, torch.Tensor]:
-        trained, teacher = outputs["trained"], outputs["teacher"]
-        knowledge_s = {LOGITS: trained}
-        knowledge_t = None if teacher is None else {LOGITS: teacher}
-        losses: dict[str, torch.Tensor] = {}
-        total = trained.new_zeros((), dtype=torch.float32)
-        for term in self.loss_terms:
-            if term.uses_teacher and knowledge_t is None:
-                continue  # inference-only load without the original teacher
-            value = term(knowledge_s, knowledge_t, batch.get("target"), batch.get("index"))
-            losses[term.name] = value
-            total = total + term.scale(self.current_epoch) * value
-        losses["loss"] = total
-        return losses
-
-    def log_metrics(
-        self, stage: str, student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor
-    ) -> None:
-        outputs, self._step_outputs = self._step_outputs, None
-        if student is not None:
-            super().log_metrics(stage, student, None, target)
-        if outputs is None:
+        if stage == self.stage:
             return
-        trained = outputs["trained"]
-        log_accuracy(self, self.stage_metrics, stage, f"stage{self._stage + 1}", trained, target)
-        if teacher is not None:
-            teacher_metrics = self.teacher_metrics[f"{stage}_metrics"]
-            teacher_metrics.update(trained.detach(), teacher.detach())
-            self.log_dict(teacher_metrics, on_step=False, on_epoch=True)
+        self.set_stage(stage)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            # DDP registered the previous stage's parameters only: wrap the module again.
+            strategy.model = self
+            strategy.configure_ddp()
+        # A fresh optimizer (and scheduler) over the new stage's model only.
+        strategy.setup_optimizers(self.trainer)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY]["stage"] = self._stage
+        checkpoint[CHECKPOINT_KEY]["stage"] = self.stage
         checkpoint[CHECKPOINT_KEY]["stage_epochs"] = list(self.stage_epochs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        meta = checkpoint.get(CHECKPOINT_KEY, {})
-        saved = meta.get("stage_epochs")
+        record = checkpoint.get(CHECKPOINT_KEY, {})
+        saved = record.get("stage_epochs")
         if saved is not None and list(saved) != self.stage_epochs:
             raise ValueError(
                 f"the checkpoint was written with stage_epochs {saved}, this module has "
@@ -252,4 +310,26 @@ class ProgressiveDistillation(DistillationModule):
             )
         # Before configure_optimizers on resume: the optimizer state in the checkpoint belongs
         # to this stage's model.
-        self._set_stage(int(meta.get("stage", self.num_stages - 1)))
+        self.set_stage(int(record.get("stage", self.num_stages - 1)))
+
+
+def _check_terms(terms: list[LossTerm], stage_epochs: list[int]) -> None:
+    """Terms read ``trainee``/``stage_teacher`` only, and each stage leaves every term an epoch."""
+    names = [TRAINEE, STAGE_TEACHER]
+    for term in terms:
+        wrong = [k for k in term.keys("student", names) if k != TRAINEE]
+        wrong += [k for k in term.keys("teacher", names) if k != STAGE_TEACHER]
+        if wrong:
+            raise ValueError(
+                f"loss term {term.name!r} reads {wrong}: ProgressiveDistillation's terms compare "
+                f"the logits of the stage's model with its teacher's; set `student: {TRAINEE}` "
+                f"and `teacher: {STAGE_TEACHER}` on the term (hooked layers are not supported: "
+                "the models of a chain differ)"
+            )
+    first = max((t.pretrain_epochs for t in terms), default=0)
+    if first and any(t.pretrain_epochs == 0 for t in terms) and first >= min(stage_epochs):
+        raise ValueError(
+            f"a loss term has pretrain_epochs={first}, which restarts with every stage; the "
+            f"stage of {min(stage_epochs)} epochs (stage_epochs {stage_epochs}) would never "
+            "train the other terms: make pretrain_epochs smaller than every stage"
+        )
