@@ -6,15 +6,17 @@ from kd_lightning.methods.supervised import Supervised
 from kd_lightning.objective import LossTerm
 
 # MIGRATING: from kd_lightning.methods.data_free import DataFreeDistillation
-# MIGRATING: from kd_lightning.methods.online import MutualDistillation
-# MIGRATING: from kd_lightning.methods.progressive import ProgressiveDistillation
+from kd_lightning.methods.online import MutualDistillation
+from kd_lightning.methods.progressive import ProgressiveDistillation
 # MIGRATING: from kd_lightning.methods.self_distillation import CSKD, PSKD, BranchSelfDistillation, MeanTeacherDistillation
 
 __all__ = [
     "BornAgain",
     "DistillationModule",
     "LossTerm",
+    "MutualDistillation",
     "OfflineDistillation",
+    "ProgressiveDistillation",
     "Supervised",
     "default_optimizer",
     "hinton_loss_terms",
