@@ -61,7 +61,7 @@ def mutual_learning_terms(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     peers = [f"peer{k}" for k in range(num_peers)]
     terms = [LossTerm(HardLabelCrossEntropy(), name=f"ce_{p}", student=p) for p in peers]
-    for k, peer in enumerate(peers):
+    for peer in peers:
         if mutual_weight > 0:
             terms += [
                 LossTerm(SoftTargetKLLoss(temperature), weight=mutual_weight / (num_peers - 1),

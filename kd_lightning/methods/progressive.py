@@ -73,7 +73,9 @@ def takd_loss_terms(temperature: float = 4.0, alpha: float = 0.9) -> list[LossTe
         terms.append(LossTerm(SoftTargetKLLoss(temperature), weight=alpha, name="kd",
                               student=TRAINEE, teacher=STAGE_TEACHER))  # fmt: skip
     if alpha < 1:
-        terms.append(LossTerm(HardLabelCrossEntropy(), weight=1 - alpha, name="ce", student=TRAINEE))
+        terms.append(
+            LossTerm(HardLabelCrossEntropy(), weight=1 - alpha, name="ce", student=TRAINEE)
+        )
     return terms
 
 
@@ -286,7 +288,9 @@ class ProgressiveDistillation(DistillationModule):
             return
         self.set_stage(stage)
         strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        if isinstance(strategy, DDPStrategy) and isinstance(
+            strategy.model, DistributedDataParallel
+        ):
             # DDP registered the previous stage's parameters only: wrap the module again.
             strategy.model = self
             strategy.configure_ddp()

@@ -13,8 +13,8 @@ from kd_lightning.cli import build_cli
 from kd_lightning.data import DigitsTransferSet
 from kd_lightning.losses import HardLabelCrossEntropy
 from kd_lightning.methods.online import MutualDistillation
-from kd_lightning.objective import LossTerm
 from kd_lightning.models import MLP
+from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import PretrainedTeacher, load_student
 from tests.conftest import fast_trainer
 
@@ -115,7 +115,7 @@ def test_best_peer_is_exported_and_loads_as_student(tmp_path):
     metrics = trainer.callback_metrics
     assert {"val/acc_peer0", "val/acc_peer1", "val/acc_ensemble"} <= set(metrics)
     assert metrics["val/acc_peer1"] > metrics["val/acc_peer0"]
-    assert module.export_index == 1 and module.exported is module.peers[1]
+    assert module.export_index == 1 and module.student is module.peers[1]
     torch.testing.assert_close(metrics["val/acc"], metrics["val/acc_peer1"])
 
     path = tmp_path / "dml.ckpt"
@@ -182,8 +182,8 @@ def test_yaml_cohort_trains_with_a_loss_defined_in_this_file(tmp_path):
     assert {"train/loss_soft0", "train/loss_soft1", "val/acc_peer1"} <= set(
         cli.trainer.callback_metrics
     )
-    for peer, old in zip(module.peers, before):
-        assert any(not torch.equal(p, q) for p, q in zip(peer.parameters(), old))
+    for peer, old in zip(module.peers, before, strict=True):
+        assert any(not torch.equal(p, q) for p, q in zip(peer.parameters(), old, strict=True))
     # The YAML terms read the knowledge they name: soft0 is H(peer1, peer0), soft1 H(ens, peer1).
     x, y = torch.randn(5, 64), torch.randint(0, 10, (5,))
     module.eval()
@@ -194,4 +194,6 @@ def test_yaml_cohort_trains_with_a_loss_defined_in_this_file(tmp_path):
     by_hand = -(z1.softmax(-1) * z0.log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(losses["soft0"], by_hand)
     ens = (z0 + z1) / 2
-    torch.testing.assert_close(losses["soft1"], -(ens.softmax(-1) * z1.log_softmax(-1)).sum(-1).mean())
+    torch.testing.assert_close(
+        losses["soft1"], -(ens.softmax(-1) * z1.log_softmax(-1)).sum(-1).mean()
+    )

@@ -17,8 +17,8 @@ from kd_lightning.cli import build_cli
 from kd_lightning.data import DigitsTransferSet
 from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.progressive import ProgressiveDistillation
-from kd_lightning.objective import LossTerm
 from kd_lightning.models import MLP
+from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import PretrainedTeacher, load_student
 from tests.conftest import fast_trainer
 
@@ -193,7 +193,9 @@ def test_terms_see_the_progress_of_their_own_stage(mlp_teacher_checkpoint):
 
 def test_arguments_are_never_silently_ignored(mlp_teacher_checkpoint):
     def chain(**kwargs):
-        return ProgressiveDistillation(MLP(), None, assistants=[MLP()], stage_epochs=[2, 2], **kwargs)
+        return ProgressiveDistillation(
+            MLP(), None, assistants=[MLP()], stage_epochs=[2, 2], **kwargs
+        )
 
     mine = [LossTerm(HardLabelCrossEntropy(), student="trainee")]
     with pytest.raises(ValueError, match="temperature and alpha only build the default objective"):
@@ -228,7 +230,9 @@ class RankAgreement(Callback):
         self.path = path
 
     def on_train_end(self, trainer, module):
-        flat = torch.cat([p.detach().flatten() for p in module.parameters() if p.dtype.is_floating_point])
+        flat = torch.cat(
+            [p.detach().flatten() for p in module.parameters() if p.dtype.is_floating_point]
+        )
         gathered = trainer.strategy.all_gather(flat)
         if trainer.is_global_zero:
             same = all(torch.equal(gathered[0], g) for g in gathered[1:])
@@ -284,10 +288,17 @@ def test_yaml_chain_trains_with_a_loss_defined_in_this_file(mlp_teacher_checkpoi
     assert module.stage == 1 and "train/loss_soft" in cli.trainer.callback_metrics
     for prefix, changed in (("assistants.0.", True), ("student.", True), ("teacher.", False)):
         keys = [k for k in before if k.startswith(prefix)]
-        assert keys and any(not torch.equal(before[k], module.state_dict()[k]) for k in keys) == changed
+        assert (
+            keys
+            and any(not torch.equal(before[k], module.state_dict()[k]) for k in keys) == changed
+        )
     # In stage 2 the YAML term is H(assistant, student), read from the knowledge it names.
     x, y = torch.randn(5, 64), torch.randint(0, 10, (5,))
     module.eval()
-    losses = module.compute_losses(module.forward_knowledge({"input": x, "target": y}, "val"), {}, "val")
+    losses = module.compute_losses(
+        module.forward_knowledge({"input": x, "target": y}, "val"), {}, "val"
+    )
     z_s, z_a = module.student(x), module.assistants[0](x)
-    torch.testing.assert_close(losses["soft"], -(z_a.softmax(-1) * z_s.log_softmax(-1)).sum(-1).mean())
+    torch.testing.assert_close(
+        losses["soft"], -(z_a.softmax(-1) * z_s.log_softmax(-1)).sum(-1).mean()
+    )
