@@ -8,14 +8,19 @@ from kd_lightning.objective import LossTerm
 # MIGRATING: from kd_lightning.methods.data_free import DataFreeDistillation
 from kd_lightning.methods.online import MutualDistillation
 from kd_lightning.methods.progressive import ProgressiveDistillation
-# MIGRATING: from kd_lightning.methods.self_distillation import CSKD, PSKD, BranchSelfDistillation, MeanTeacherDistillation
+from kd_lightning.methods.self_distillation import BranchSelfDistillation, MeanTeacherDistillation
+from kd_lightning.methods.self_knowledge import CSKD, PSKD
 
 __all__ = [
     "BornAgain",
+    "BranchSelfDistillation",
+    "CSKD",
     "DistillationModule",
     "LossTerm",
+    "MeanTeacherDistillation",
     "MutualDistillation",
     "OfflineDistillation",
+    "PSKD",
     "ProgressiveDistillation",
     "Supervised",
     "default_optimizer",

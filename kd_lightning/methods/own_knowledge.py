@@ -1,0 +1,113 @@
+"""``OwnKnowledgeModule``: a method whose loss terms also read knowledge it makes itself.
+
+Self-distillation methods add entries to a step's knowledge that no model argument produces:
+BYOT's exits (``exit<i>``, ``exit<i>.embedding``), CS-KD's partners (``partner``,
+``partner.found``). Loss terms name them like any model; this base resolves those names, hooks
+only the layers of real models, and refuses at construction a term that reads knowledge the
+method never makes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kd_lightning.features import FeatureCapture
+from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.term_errors import explain_term_error
+from kd_lightning.objective import LossTerm, Objective
+
+
+def refuse_ignored(given: dict[str, Any], loss_terms: list[LossTerm] | None) -> None:
+    """Arguments that only build the default objective may not be set beside ``loss_terms``."""
+    if loss_terms is None:
+        return
+    names = sorted(k for k, v in given.items() if v is not None)
+    if names:
+        raise ValueError(
+            f"{names} only build the default objective, and loss_terms replaces it: set the "
+            f"temperature and weights on your loss terms and leave {names} unset"
+        )
+
+
+def check_weight(name: str, value: float, upper: float | None = None) -> None:
+    """``value`` must be >= 0 (and <= ``upper``)."""
+    if not value >= 0 or (upper is not None and value > upper):
+        bound = f"[0, {upper}]" if upper is not None else ">= 0"
+        raise ValueError(f"{name} must be {'in ' if upper is not None else ''}{bound}, got {value}")
+
+
+class OwnKnowledgeModule(DistillationModule):
+    """Base of methods with knowledge of their own (see the module docstring).
+
+    A subclass calls ``super().__init__(models=..., loss_terms=None, ...)``, sets what
+    :meth:`own_knowledge` needs, then :meth:`set_objective` with its terms.
+    """
+
+    student_args = ("student",)
+    teacher_args = ()
+
+    def own_knowledge(self) -> list[str]:
+        """Every knowledge key the method makes itself (not a model's output or layer)."""
+        return []
+
+    def hooked_layers(self) -> dict[str, list[str]]:
+        """Layers to hook per model: those the objective reads (override to add the method's)."""
+        names = self.knowledge_names()
+        return {
+            model: layers
+            for model, layers in self.objective.layers(names).items()
+            if model in self.sources
+        }
+
+    def knowledge_names(self) -> list[str]:
+        """Every knowledge name a loss term may read: the models and the method's own keys."""
+        return [*self.sources, *self.own_knowledge()]
+
+    def set_objective(self, loss_terms: list[LossTerm]) -> None:
+        """Install the objective after the method's own knowledge is known.
+
+        Raises:
+            ValueError: a term reads knowledge the method does not make (the message lists it).
+        """
+        self.objective = Objective(loss_terms)
+        names = self.knowledge_names()
+        for term in self.objective:
+            bad = [
+                key
+                for side in ("student", "teacher")
+                for key in term.keys(side, names)
+                if key not in names and key.partition(".")[0] not in self.sources
+            ]
+            if bad:
+                raise ValueError(
+                    f"loss term {term.name!r} reads {bad}, which {type(self).__name__} does not "
+                    f"make: its knowledge is {names} and hooked model layers ('student.<layer>'); "
+                    "set the term's student and teacher to one of them"
+                )
+        self._make_captures()
+
+    def _make_captures(self) -> None:
+        # Resolves sources against every knowledge name (the base resolves against models only,
+        # where `exit0` would be a layer of the student).
+        self._captures = {}
+        for model_name, layers in self.hooked_layers().items():
+            model = self.source(model_name)
+            if model is None:
+                continue
+            root = model.hook_root if hasattr(model, "hook_root") else model
+            self._captures[model_name] = FeatureCapture(root, layers, model_name=model_name)
+
+    def compute_losses(
+        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
+    ) -> dict[str, torch.Tensor]:
+        return self.objective.evaluate(knowledge, batch, self.knowledge_names(), self.progress)
+
+    def check_objective(self, knowledge: dict[str, Any], batch: dict[str, Any]) -> None:
+        names = self.knowledge_names()
+        for term in self.objective:
+            try:
+                term(knowledge, batch, names, self.progress)
+            except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
+                raise ValueError(explain_term_error(term, knowledge, names, err)) from err
