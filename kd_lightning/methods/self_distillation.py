@@ -103,13 +103,13 @@ class BranchSelfDistillation(OwnKnowledgeModule):
             name that does not exist fails at construction with the nearest valid names.
         feature_layer: layer whose output is the deepest feature (the heads' embedding width);
             required when ``hint_weight > 0``.
-        loss_terms: the objective over ``student``, ``exit<i>``, ``exit<i>.embedding`` and
-            ``student.<layer>`` (replaces the default; then leave ``temperature``, ``alpha`` and
-            ``hint_weight`` unset).
         temperature: T of the default KL from the deepest exit; default 3.
         alpha: weight of that KL against each exit's CE; default 0.3.
         hint_weight: weight :math:`\\lambda` of the default feature hint; default 0 (off).
         head_width: embedding size of the heads when there is no ``feature_layer``.
+        loss_terms: the objective over ``student``, ``exit<i>``, ``exit<i>.embedding`` and
+            ``student.<layer>`` (replaces the default; then leave ``temperature``, ``alpha`` and
+            ``hint_weight`` unset).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory (backbone and heads).
         lr_scheduler: scheduler factory.
@@ -120,11 +120,11 @@ class BranchSelfDistillation(OwnKnowledgeModule):
         student: nn.Module,
         branches: list[str],
         feature_layer: str | None = None,
-        loss_terms: list[LossTerm] | None = None,
         temperature: float | None = None,
         alpha: float | None = None,
         hint_weight: float | None = None,
         head_width: int = 64,
+        loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -285,11 +285,11 @@ class MeanTeacherDistillation(OwnKnowledgeModule):
     Args:
         student: the network to train.
         decay: EMA decay d in [0, 1).
-        loss_terms: the objective over ``student`` and ``ema`` (replaces the default; then
-            leave ``temperature``, ``consistency_weight`` and ``consistency`` unset).
         temperature: T of the default ``"kl"`` consistency; default 1.
         consistency_weight: weight of the default consistency term; default 1.
         consistency: ``"kl"`` (default) or ``"mse"``.
+        loss_terms: the objective over ``student`` and ``ema`` (replaces the default; then
+            leave ``temperature``, ``consistency_weight`` and ``consistency`` unset).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory (the student only).
         lr_scheduler: scheduler factory.
@@ -301,10 +301,10 @@ class MeanTeacherDistillation(OwnKnowledgeModule):
         self,
         student: nn.Module,
         decay: float = 0.99,
-        loss_terms: list[LossTerm] | None = None,
         temperature: float | None = None,
         consistency_weight: float | None = None,
         consistency: Literal["kl", "mse"] | None = None,
+        loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,

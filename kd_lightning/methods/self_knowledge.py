@@ -62,10 +62,10 @@ class PSKD(OwnKnowledgeModule):
         student: the network to train.
         alpha_T: the final mixing weight :math:`\\alpha_T` of the default objective; default 0.8
             (the paper's).
-        loss_terms: the objective over ``student`` and ``past`` (replaces the default; then
-            leave ``alpha_T`` unset).
         num_samples: size of the memory (largest ``index`` + 1); default: from the
             datamodule's training set at start-up.
+        loss_terms: the objective over ``student`` and ``past`` (replaces the default; then
+            leave ``alpha_T`` unset).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory.
         lr_scheduler: scheduler factory.
@@ -77,8 +77,8 @@ class PSKD(OwnKnowledgeModule):
         self,
         student: nn.Module,
         alpha_T: float | None = None,  # noqa: N803 - the paper's name
-        loss_terms: list[LossTerm] | None = None,
         num_samples: int | None = None,
+        loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -185,10 +185,10 @@ class CSKD(OwnKnowledgeModule):
 
     Args:
         student: the network to train.
-        loss_terms: the objective over ``student``, ``partner`` and ``partner.found``
-            (replaces the default; then leave ``temperature`` and ``lambda_cls`` unset).
         temperature: T of the default class-wise term; default 4 (the paper's).
         lambda_cls: weight :math:`\\lambda` of the default class-wise term; default 1.
+        loss_terms: the objective over ``student``, ``partner`` and ``partner.found``
+            (replaces the default; then leave ``temperature`` and ``lambda_cls`` unset).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory.
         lr_scheduler: scheduler factory.
@@ -197,9 +197,9 @@ class CSKD(OwnKnowledgeModule):
     def __init__(
         self,
         student: nn.Module,
-        loss_terms: list[LossTerm] | None = None,
         temperature: float | None = None,
         lambda_cls: float | None = None,
+        loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
