@@ -63,6 +63,35 @@ class KDLightningCLI(LightningCLI):
         if num_classes is not None:
             link_num_classes(config["model"], num_classes)
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        record_config_specs(self)
+
+
+def _config_specs(init_args: Any) -> dict[str, Any]:
+    """``{argument: spec}`` of every class-valued model argument in a parsed config."""
+    specs: dict[str, Any] = {}
+    for name, value in vars(init_args).items():
+        if name in ("optimizer", "lr_scheduler"):  # callables, rebuilt by the method's default
+            continue
+        plain = value.as_dict() if isinstance(value, Namespace) else value
+        if isinstance(plain, dict) and "class_path" in plain:
+            specs[name] = plain
+        elif isinstance(value, list) and value and all(
+            isinstance(v, Namespace) and "class_path" in v for v in value
+        ):
+            specs[name] = [v.as_dict() for v in value]
+    return specs
+
+
+def record_config_specs(cli: LightningCLI) -> None:
+    """Give the method the specs of its module arguments from the parsed config."""
+    config = cli.config[cli.subcommand] if cli.subcommand else cli.config
+    model_config = config.get("model")
+    init_args = model_config.get("init_args") if isinstance(model_config, Namespace) else None
+    if init_args is not None and hasattr(cli.model, "record_model_specs"):
+        cli.model.record_model_specs(_config_specs(init_args))
+
 
 def build_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> KDLightningCLI:
     """The CLI over every method and transfer set (``run=False``: parse and instantiate only)."""

@@ -5,7 +5,7 @@ from kd_lightning.methods.offline import BornAgain, OfflineDistillation, hinton_
 from kd_lightning.methods.supervised import Supervised
 from kd_lightning.objective import LossTerm
 
-# MIGRATING: from kd_lightning.methods.data_free import DataFreeDistillation
+from kd_lightning.methods.data_free import DataFreeDistillation
 from kd_lightning.methods.online import MutualDistillation
 from kd_lightning.methods.progressive import ProgressiveDistillation
 from kd_lightning.methods.self_distillation import BranchSelfDistillation, MeanTeacherDistillation
@@ -15,6 +15,7 @@ __all__ = [
     "BornAgain",
     "BranchSelfDistillation",
     "CSKD",
+    "DataFreeDistillation",
     "DistillationModule",
     "LossTerm",
     "MeanTeacherDistillation",

@@ -45,6 +45,16 @@ def default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def _spec_of(value: Any) -> Any:
+    """A ``class_path``/``init_args`` spec of a module argument, or ``None`` when unknown."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (list, tuple)):
+        specs = [_spec_of(v) for v in value]
+        return specs if specs and all(s is not None for s in specs) else None
+    return model_spec(value) if isinstance(value, nn.Module) else None
+
+
 def _knowledge_names(arg: str, value: Any) -> list[str]:
     """Knowledge names of a model argument: ``student`` -> [student]; ``peers`` -> [peer0, ...]."""
     if isinstance(value, (list, tuple, nn.ModuleList)):
@@ -148,9 +158,15 @@ class DistillationModule(L.LightningModule):
         setattr(self, name, module)
 
     def record_model_specs(self, specs: dict[str, Any]) -> None:
-        """Record how to rebuild models from their config (called by the CLI after parsing)."""
+        """Record how to rebuild module arguments from their config (the CLI calls it).
+
+        Args:
+            specs: ``{argument: class_path/init_args spec (or a list of them)}`` for trained
+                models, ``loss_terms`` and the ``hparams_ignore`` arguments; frozen teachers are
+                never recorded (they come from their own files).
+        """
         for name, spec in specs.items():
-            if name in self.student_args and spec is not None:
+            if name not in self.teacher_args and spec is not None:
                 self.model_specs[name] = spec
 
     def source(self, name: str) -> nn.Module | None:
@@ -399,9 +415,19 @@ class DistillationModule(L.LightningModule):
             "student_prefix": f"{path}.",
             "num_classes": self.num_classes,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
-            "init_specs": dict(self.model_specs),
+            "init_specs": self.init_specs(),
             "rng": rng_state(),
         }
+
+    def init_specs(self) -> dict[str, Any]:
+        """Specs of every module argument that can be rebuilt (for :meth:`load_from_checkpoint`)."""
+        specs = {}
+        for name in self.hparams_ignore:
+            spec = _spec_of(getattr(self, name, None))
+            if spec is not None and name not in self.teacher_args:
+                specs[name] = spec
+        specs.update(self.model_specs)
+        return specs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen teachers come from their own source, not from this checkpoint: put their

@@ -20,15 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from kd_lightning.data.synthesised import SynthesisedTransferSet
-from kd_lightning.functional.soft_target import hard_label_cross_entropy, soft_target_kl
-from kd_lightning.methods.base import DistillationModule, _default_optimizer
+from kd_lightning.losses import SoftTargetKLLoss
+from kd_lightning.losses.pseudo_label import TeacherTopOneCrossEntropy
+from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.models.spec import instantiate
+from kd_lightning.objective import LossTerm
 from kd_lightning.synthesis import InputSynthesiser, module_digest
-from kd_lightning.teachers import output_logits
+from kd_lightning.teachers.cached import DENSE_KEY
 
 FAST_DEV_RUN_STEPS = 2
 """Synthesis steps per batch under ``fast_dev_run``: the pipeline is checked, not the quality."""
@@ -54,14 +57,16 @@ class DataFreeDistillation(DistillationModule):
             :class:`~kd_lightning.synthesis.DataImpressions`); ``None`` when the datamodule
             reads a saved set.
         num_samples: size of the synthesised transfer set.
-        temperature: soft-target temperature T of the distillation loss.
-        hard_label_weight: weight of the cross-entropy with the teacher's top-1 class.
+        temperature: soft-target temperature T of the default soft-target term.
+        hard_label_weight: weight of the default cross-entropy with the teacher's top-1 class
+            (:class:`~kd_lightning.losses.pseudo_label.TeacherTopOneCrossEntropy`; 0: no term).
+        loss_terms: the objective, replacing the two default terms (any loss works).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory (sees the student only).
         lr_scheduler: scheduler factory.
     """
 
-    frozen_model_args = ("teacher",)
+    hparams_ignore = ("synthesiser",)
 
     def __init__(
         self,
@@ -71,11 +76,11 @@ class DataFreeDistillation(DistillationModule):
         num_samples: int = 2560,
         temperature: float = 4.0,
         hard_label_weight: float = 0.0,
+        loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(num_classes=num_classes, optimizer=optimizer, lr_scheduler=lr_scheduler)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not temperature > 0:
@@ -89,19 +94,23 @@ class DataFreeDistillation(DistillationModule):
                 "synthesiser must be an InputSynthesiser (kd_lightning.synthesis.DeepInversion or "
                 f"DataImpressions), got {type(synthesiser).__name__}"
             )
-        self.student = self.build_model(student)
-        self.record_student_spec(self.student)
-        self.teacher = self.freeze_teacher(teacher)
+        if loss_terms is None:
+            loss_terms = [LossTerm(SoftTargetKLLoss(temperature), name="kd")]
+            if hard_label_weight > 0:
+                loss_terms.append(
+                    LossTerm(TeacherTopOneCrossEntropy(), weight=hard_label_weight, name="ce")
+                )
+        super().__init__(
+            models={"student": student, "teacher": teacher},
+            loss_terms=loss_terms,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+        )
         self.synthesiser = synthesiser
         self.num_samples = num_samples
         self.temperature = temperature
         self.hard_label_weight = hard_label_weight
-
-    def named_output_models(self) -> list[tuple[str, nn.Module]]:
-        models = [("student", self.student)]
-        if self.teacher is not None:
-            models.append(("teacher", self.teacher))
-        return models
 
     # ------------------------------------------------------------------ the synthetic set
     def _datamodule(self) -> SynthesisedTransferSet:
@@ -182,37 +191,31 @@ class DataFreeDistillation(DistillationModule):
             )
 
     # ------------------------------------------------------------------ steps
-    def validate_setup(self, example: dict[str, Any]) -> None:
-        if self.teacher is None and "teacher_logits" not in example:
+    def check_example(self, batch: Any, stage: str = "fit") -> None:
+        if stage == "fit" and self.teacher is None and DENSE_KEY not in batch:
             raise ValueError(
                 "DataFreeDistillation needs teacher outputs: set model.init_args.teacher, or train "
                 "from a saved synthesised set (its recorded teacher logits are used)"
             )
+        super().check_example(batch, stage)
 
-    def forward_models(self, batch: dict[str, Any]) -> dict[str, Any]:
-        student = self(batch["input"])
-        if "teacher_logits" in batch:
-            teacher = batch["teacher_logits"]
-        elif self.teacher is not None:
-            teacher = output_logits(self.teacher(batch["input"]))
+    def forward_knowledge(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        """The student, and the teacher logits recorded at synthesis (else the live teacher).
+
+        Evaluating a loaded student without its teacher, only the real labels remain: the
+        objective then falls back to the hard-label cross-entropy (see :meth:`compute_losses`).
+        """
+        knowledge = {"student": self(batch["input"])}
+        if DENSE_KEY in batch:
+            knowledge["teacher"] = batch[DENSE_KEY]
         else:
-            teacher = None
-        return {"student": student, "teacher": teacher}
+            knowledge.update(self.run_source("teacher", batch, knowledge))
+        return knowledge
 
     def compute_losses(
-        self, outputs: dict[str, Any], batch: dict[str, Any]
+        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
     ) -> dict[str, torch.Tensor]:
-        student, teacher = outputs["student"], outputs["teacher"]
-        if teacher is None:
-            # Evaluation of a loaded student without its teacher: only the real labels remain.
-            ce = hard_label_cross_entropy(student, batch["target"])
+        if "teacher" not in knowledge:
+            ce = F.cross_entropy(knowledge["student"].float(), batch["target"], ignore_index=-1)
             return {"loss": ce, "ce": ce}
-        kd = soft_target_kl(student, teacher, self.temperature)
-        losses = {"kd": kd}
-        total = kd
-        if self.hard_label_weight > 0:
-            ce = hard_label_cross_entropy(student, teacher.argmax(dim=-1))
-            losses["ce"] = ce
-            total = total + self.hard_label_weight * ce
-        losses["loss"] = total
-        return losses
+        return super().compute_losses(knowledge, batch, stage)

@@ -82,7 +82,7 @@ def test_the_loss_is_the_soft_target_kl_to_the_recorded_teacher_logits(teacher_c
     method = _method(teacher_checkpoint, temperature=3.0, hard_label_weight=0.5)
     student = torch.randn(5, 10)
     teacher = torch.randn(5, 10)
-    losses = method.compute_losses({"student": student, "teacher": teacher}, {})
+    losses = method.compute_losses({"student": student, "teacher": teacher}, {}, "train")
     p = torch.softmax(teacher / 3, 1)
     kl = (p * (p.log() - torch.log_softmax(student / 3, 1))).sum(1).mean() * 9
     ce = torch.nn.functional.cross_entropy(student, teacher.argmax(1))
