@@ -61,8 +61,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
         if "Unsupported global" in text or "GLOBAL" in text:
             raise ValueError(
                 f"{what} {str(path)!r} holds Python objects beyond tensors and plain containers; "
-                "loading it would run code from the file, so kd_lightning refuses it. "
-                + TRUST_HINT
+                "loading it would run code from the file, so kd_lightning refuses it. " + TRUST_HINT
             ) from None
         raise ValueError(
             f"{what} {str(path)!r} is not a readable checkpoint ({type(err).__name__}: "

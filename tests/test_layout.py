@@ -68,7 +68,9 @@ def test_no_import_cycle_between_modules():
     # A cycle that only passes through a package __init__ is a re-export, not a dependency of
     # the modules themselves: keep edges between leaf modules.
     packages = {n for n in graph if (PACKAGE.parent / n.replace(".", "/") / "__init__.py").exists()}
-    leaf = {n: {d for d in deps if d not in packages} for n, deps in graph.items() if n not in packages}
+    leaf = {
+        n: {d for d in deps if d not in packages} for n, deps in graph.items() if n not in packages
+    }
     assert _cycles(leaf) == []
 
 

@@ -142,7 +142,7 @@ class DistillationModule(L.LightningModule):
                     f"the same module object appears twice in `{name}`: give each its own instance"
                 )
             module: nn.Module | None = nn.ModuleList(built)
-            specs = [v if isinstance(v, dict) else model_spec(m) for v, m in zip(value, built)]
+            specs = [v if isinstance(v, dict) else model_spec(m) for v, m in zip(value, built, strict=True)]
             names = _knowledge_names(name, value)
             for i, knowledge_name in enumerate(names):
                 self.sources[knowledge_name] = f"{name}.{i}"
@@ -194,8 +194,23 @@ class DistillationModule(L.LightningModule):
         """The model exported as the student (prediction, ``load_student``, export)."""
         return self.source(self.exported_name)
 
+    def own_knowledge(self) -> list[str]:
+        """Knowledge names the method makes itself (``ensemble``, ``exit0``, ``ema``, ...)."""
+        return []
+
+    def knowledge_names(self) -> list[str]:
+        """Every knowledge name a loss term may read: the models and :meth:`own_knowledge`."""
+        return [*self.sources, *self.own_knowledge()]
+
+    def hooked_layers(self) -> dict[str, list[str]]:
+        """Layers to hook per model: those the objective reads (override to add the method's)."""
+        names = self.knowledge_names()
+        return {m: ls for m, ls in self.objective.layers(names).items() if m in self.sources}
+
     def _make_captures(self) -> None:
-        for model_name, layers in self.objective.layers(self.sources).items():
+        """Hook the layers of :meth:`hooked_layers` (validated now: a typo fails at once)."""
+        self._captures = {}
+        for model_name, layers in self.hooked_layers().items():
             model = self.source(model_name)
             if model is None:
                 continue  # inference-only load without the teacher
@@ -220,12 +235,22 @@ class DistillationModule(L.LightningModule):
         teach = model.teach if hasattr(model, "teach") else None
         if capture is not None:
             with capture as features:
-                out = teach(batch, knowledge) if teach else {"logits": call_model(model, batch["input"])}
+                out = (
+                    teach(batch, knowledge)
+                    if teach
+                    else {"logits": call_model(model, batch["input"])}
+                )
             layers = {f"{name}.{k}": v for k, v in features.items()}
         else:
-            out = teach(batch, knowledge) if teach else {"logits": call_model(model, batch["input"])}
+            out = (
+                teach(batch, knowledge) if teach else {"logits": call_model(model, batch["input"])}
+            )
             layers = {}
-        result = {f"{name}.{k}" if k != "logits" else name: v for k, v in out.items() if not k.startswith("log.")}
+        result = {
+            f"{name}.{k}" if k != "logits" else name: v
+            for k, v in out.items()
+            if not k.startswith("log.")
+        }
         if name in result:
             result[name] = output_logits(result[name])
         result.update({k: v for k, v in out.items() if k.startswith("log.")})
@@ -248,7 +273,7 @@ class DistillationModule(L.LightningModule):
         self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
     ) -> dict[str, torch.Tensor]:
         """``{"loss": total, <term name>: value}`` from the objective (override for more)."""
-        return self.objective.evaluate(knowledge, batch, self.sources, self.progress)
+        return self.objective.evaluate(knowledge, batch, self.knowledge_names(), self.progress)
 
     @property
     def progress(self) -> Progress:
@@ -364,13 +389,14 @@ class DistillationModule(L.LightningModule):
             cached = CachedTeacher(getattr(batch, "header", None))
             cached.check(
                 {t.name: getattr(t.loss, "temperature", None) for t in self.objective
-                 if "teacher.topk" in t.keys("teacher", self.sources)}
+                 if "teacher.topk" in t.keys("teacher", self.knowledge_names())}
             )  # fmt: skip
+        names = self.knowledge_names()
         for term in self.objective:
             try:
-                term(knowledge, batch, self.sources, self.progress)
+                term(knowledge, batch, names, self.progress)
             except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
-                raise ValueError(explain_term_error(term, knowledge, self.sources, err)) from err
+                raise ValueError(explain_term_error(term, knowledge, names, err)) from err
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -47,12 +47,18 @@ class KnowledgeMetrics(nn.Module):
         student = MetricCollection(accuracy)
         teacher = MetricCollection({"agreement": TopOneAgreement(), "kl": TeacherStudentKL()})
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
-        self.student = nn.ModuleDict({f"{s}_metrics": student.clone(prefix=f"{s}/") for s in STAGES})
-        self.teacher = nn.ModuleDict({f"{s}_metrics": teacher.clone(prefix=f"{s}/") for s in STAGES})
+        self.student = nn.ModuleDict(
+            {f"{s}_metrics": student.clone(prefix=f"{s}/") for s in STAGES}
+        )
+        self.teacher = nn.ModuleDict(
+            {f"{s}_metrics": teacher.clone(prefix=f"{s}/") for s in STAGES}
+        )
         self.to(module.device)
         self.ready = True
 
-    def update(self, module: Any, stage: str, knowledge: dict[str, Any], batch: dict[str, Any]) -> None:
+    def update(
+        self, module: Any, stage: str, knowledge: dict[str, Any], batch: dict[str, Any]
+    ) -> None:
         if not self.ready:
             return
         target = batch.get("target")

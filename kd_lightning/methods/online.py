@@ -32,7 +32,6 @@ from kd_lightning.data.batch import normalise_batch
 from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.methods.checks import check_class_count, untouched
-from kd_lightning.methods.term_errors import explain_term_error
 from kd_lightning.objective import LossTerm
 
 ENSEMBLE = "ensemble"
@@ -190,11 +189,6 @@ class MutualDistillation(DistillationModule):
     def metric_sources(self) -> list[str]:
         return [*self.peer_names, ENSEMBLE]
 
-    def compute_losses(
-        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
-    ) -> dict[str, torch.Tensor]:
-        return self.objective.evaluate(knowledge, batch, self.knowledge_names(), self.progress)
-
     # ------------------------------------------------------------------ start-up
     def check_example(self, batch: Any, stage: str = "fit") -> None:
         # Every peer's class count first: the ensemble cannot average disagreeing peers.
@@ -205,14 +199,6 @@ class MutualDistillation(DistillationModule):
                 logits = self.run_source(name, batch, {})[name]
                 classes = check_class_count(f"{name} ({self.sources[name]})", logits, classes)
         super().check_example(batch, stage)
-
-    def check_objective(self, knowledge: dict[str, Any], batch: dict[str, Any]) -> None:
-        names = self.knowledge_names()
-        for term in self.objective:
-            try:
-                term(knowledge, batch, names, self.progress)
-            except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
-                raise ValueError(explain_term_error(term, knowledge, names, err)) from err
 
     # ------------------------------------------------------------------ exported peer
     def on_validation_epoch_end(self) -> None:

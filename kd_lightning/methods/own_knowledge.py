@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from kd_lightning.features import FeatureCapture
 from kd_lightning.methods.base import DistillationModule
-from kd_lightning.methods.term_errors import explain_term_error
 from kd_lightning.objective import LossTerm, Objective
 
 
@@ -48,23 +44,6 @@ class OwnKnowledgeModule(DistillationModule):
     student_args = ("student",)
     teacher_args = ()
 
-    def own_knowledge(self) -> list[str]:
-        """Every knowledge key the method makes itself (not a model's output or layer)."""
-        return []
-
-    def hooked_layers(self) -> dict[str, list[str]]:
-        """Layers to hook per model: those the objective reads (override to add the method's)."""
-        names = self.knowledge_names()
-        return {
-            model: layers
-            for model, layers in self.objective.layers(names).items()
-            if model in self.sources
-        }
-
-    def knowledge_names(self) -> list[str]:
-        """Every knowledge name a loss term may read: the models and the method's own keys."""
-        return [*self.sources, *self.own_knowledge()]
-
     def set_objective(self, loss_terms: list[LossTerm]) -> None:
         """Install the objective after the method's own knowledge is known.
 
@@ -87,27 +66,3 @@ class OwnKnowledgeModule(DistillationModule):
                     "set the term's student and teacher to one of them"
                 )
         self._make_captures()
-
-    def _make_captures(self) -> None:
-        # Resolves sources against every knowledge name (the base resolves against models only,
-        # where `exit0` would be a layer of the student).
-        self._captures = {}
-        for model_name, layers in self.hooked_layers().items():
-            model = self.source(model_name)
-            if model is None:
-                continue
-            root = model.hook_root if hasattr(model, "hook_root") else model
-            self._captures[model_name] = FeatureCapture(root, layers, model_name=model_name)
-
-    def compute_losses(
-        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
-    ) -> dict[str, torch.Tensor]:
-        return self.objective.evaluate(knowledge, batch, self.knowledge_names(), self.progress)
-
-    def check_objective(self, knowledge: dict[str, Any], batch: dict[str, Any]) -> None:
-        names = self.knowledge_names()
-        for term in self.objective:
-            try:
-                term(knowledge, batch, names, self.progress)
-            except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
-                raise ValueError(explain_term_error(term, knowledge, names, err)) from err

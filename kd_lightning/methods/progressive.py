@@ -50,7 +50,6 @@ from kd_lightning.features import _eval_mode
 from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.methods.checks import check_class_count, untouched
-from kd_lightning.methods.term_errors import explain_term_error
 from kd_lightning.objective import LossTerm, Progress
 
 TRAINEE = "trainee"
@@ -221,16 +220,6 @@ class ProgressiveDistillation(DistillationModule):
     def metric_sources(self) -> list[str]:
         return [f"stage{k + 1}" for k in range(self.num_stages)]
 
-    def compute_losses(
-        self, knowledge: dict[str, Any], batch: dict[str, Any], stage: str
-    ) -> dict[str, torch.Tensor]:
-        return self.objective.evaluate(knowledge, batch, self.knowledge_names(), self.progress)
-
-    def _make_captures(self) -> None:
-        # The terms read `trainee`/`stage_teacher` logits only (checked in __init__): no hooks.
-        # (The base resolves sources against model names, where `trainee` would be a layer.)
-        return
-
     # ------------------------------------------------------------------ start-up
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -274,12 +263,7 @@ class ProgressiveDistillation(DistillationModule):
                 "kd_lightning.teachers.PretrainedTeacher with a checkpoint_path), or attach a "
                 "teacher-output cache to the data"
             )
-        names = self.knowledge_names()
-        for term in self.objective:
-            try:
-                term(knowledge, batch, names, self.progress)
-            except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
-                raise ValueError(explain_term_error(term, knowledge, names, err)) from err
+        super().check_objective(knowledge, batch)
 
     # ------------------------------------------------------------------ stage switching
     def on_train_epoch_start(self) -> None:

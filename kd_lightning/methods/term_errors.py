@@ -18,7 +18,9 @@ def explain_term_error(
         s, t = knowledge.get(s_keys[0]), knowledge.get(t_keys[0])
         if hasattr(s, "shape") and hasattr(t, "shape") and tuple(s.shape[1:]) != tuple(t.shape[1:]):
             s_shape, t_shape = tuple(s.shape), tuple(t.shape)
-            message += f". Student {s_keys[0]!r} gives {s_shape}, teacher {t_keys[0]!r} gives {t_shape}"
+            message += (
+                f". Student {s_keys[0]!r} gives {s_shape}, teacher {t_keys[0]!r} gives {t_shape}"
+            )
             fix = suggest_connector(s_shape, t_shape)
             if fix is not None:
                 message += f"; add to the term `connector: {fix}`"

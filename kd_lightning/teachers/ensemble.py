@@ -19,7 +19,6 @@ from kd_lightning.functional.ensemble import (
     WEIGHTINGS,
     ensemble_teacher_logits,
 )
-from kd_lightning.functional.soft_target import IGNORE_INDEX
 from kd_lightning.teachers.frozen import FrozenTeacher, call_model, output_logits
 
 FALLBACKS = ("exclude", "label")
@@ -80,7 +79,8 @@ class TeacherEnsemble(FrozenTeacher):
             len(teachers), weighting, weights, combine, purify, purify_entropy, purify_margin,
             purify_weight, purify_fallback,
         )  # fmt: skip
-        super().__init__(nn.ModuleList([FrozenTeacher(t) for t in teachers]))
+        members = [t if isinstance(t, FrozenTeacher) else FrozenTeacher(t) for t in teachers]
+        super().__init__(nn.ModuleList(members))
         self.weighting, self.weights = weighting, list(weights) if weights else None
         self.combine = combine
         self.purify, self.purify_fallback = purify, purify_fallback
@@ -105,9 +105,15 @@ class TeacherEnsemble(FrozenTeacher):
 
     def teach(self, batch: dict[str, Any], knowledge: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
-            stacked = torch.stack(
-                [output_logits(call_model(t, batch["input"])).float() for t in self.module]
-            )
+            outputs = [output_logits(call_model(t, batch["input"])).float() for t in self.module]
+        for i, out in enumerate(outputs[1:], start=1):
+            if out.shape != outputs[0].shape:
+                raise ValueError(
+                    f"teacher {i} (teachers.{i}) outputs {out.shape[-1]} logits but teacher 0 "
+                    f"outputs {outputs[0].shape[-1]}: every teacher of an ensemble must predict "
+                    "the same classes"
+                )
+        stacked = torch.stack(outputs)
         target = batch.get("target")
         combined, covered, keep = ensemble_teacher_logits(
             stacked,

@@ -33,6 +33,11 @@ def output_logits(output: Any) -> torch.Tensor:
     )
 
 
+def _plain(cls: type) -> bool:
+    """Whether a FrozenTeacher subclass only loads (its outputs are its network's outputs)."""
+    return cls.forward is FrozenTeacher.forward and cls.teach is FrozenTeacher.teach
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(**inputs)`` for a dict of tensors (Hugging Face style), else ``model(inputs)``."""
     if isinstance(inputs, dict):
@@ -53,8 +58,8 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        if isinstance(module, FrozenTeacher):
-            module = module.module
+        if isinstance(module, FrozenTeacher) and _plain(type(module)):
+            module = module.module  # a plain wrapper: wrap its network once, not twice
         if not isinstance(module, nn.Module):
             raise TypeError(f"a teacher must be an nn.Module, got {type(module).__name__}")
         self.module = module

@@ -16,7 +16,7 @@ from torch import nn
 
 from kd_lightning.data import DigitsTransferSet
 from kd_lightning.methods import OfflineDistillation, Supervised
-from kd_lightning.methods.offline import BornAgain, PermutedTeacher
+from kd_lightning.methods.offline import BornAgain
 from kd_lightning.methods.online import MutualDistillation
 from kd_lightning.methods.progressive import ProgressiveDistillation
 from kd_lightning.methods.self_distillation import (
@@ -26,7 +26,13 @@ from kd_lightning.methods.self_distillation import (
     MeanTeacherDistillation,
 )
 from kd_lightning.models import MLP, SmallCNN
-from kd_lightning.teachers import FrozenTeacher, PretrainedTeacher, load_student
+from kd_lightning.teachers import (
+    FrozenTeacher,
+    PermutedTeacher,
+    PretrainedTeacher,
+    TeacherEnsemble,
+    load_student,
+)
 from tests.conftest import fast_trainer
 
 
@@ -53,14 +59,14 @@ def offline(ckpt) -> Case:
 
 
 def multi_teacher(ckpt) -> Case:
-    m = OfflineDistillation(
-        _mlp(),
-        teachers=[PretrainedTeacher(str(ckpt)), PermutedTeacher(str(ckpt))],
-        teacher_weighting="confidence",
+    ensemble = TeacherEnsemble(
+        [PretrainedTeacher(str(ckpt)), PermutedTeacher(str(ckpt))],
+        weighting="confidence",
         purify="both",
         purify_entropy=0.9,
     )
-    return Case(m, frozen={"teachers": m.teachers}, trained={"student": m.student})
+    m = OfflineDistillation(_mlp(), ensemble)
+    return Case(m, frozen={"teacher": m.teacher}, trained={"student": m.student})
 
 
 def born_again(ckpt) -> Case:
@@ -160,12 +166,14 @@ def test_fit_test_predict_reload(make, mlp_teacher_checkpoint, tmp_path):
 
     path = tmp_path / "method.ckpt"
     trainer.save_checkpoint(path)
-    state = torch.load(path, weights_only=False)["state_dict"]
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["state_dict"]
     frozen_prefixes = tuple(
         f"{n}." for n, m in module.named_modules() if n and isinstance(m, FrozenTeacher)
     )
     assert not [k for k in state if frozen_prefixes and k.startswith(frozen_prefixes)]
-    assert any(k.startswith("student.") for k in state)
+    # The student artifact points at the exported student's weights (student., model., peers.k.)
+    assert any(k.startswith(checkpoint["kd_lightning"]["student_prefix"]) for k in state)
 
     x = data.dataset("test").inputs[:16]
     module.eval()

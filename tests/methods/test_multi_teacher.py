@@ -18,7 +18,7 @@ from kd_lightning.functional.ensemble import (
     top_margin,
 )
 from kd_lightning.methods import OfflineDistillation
-from kd_lightning.methods.offline import PermutedTeacher
+from kd_lightning.teachers import PermutedTeacher, TeacherEnsemble
 from kd_lightning.models import MLP
 from kd_lightning.teachers import PretrainedTeacher
 from tests.conftest import fast_trainer
@@ -114,15 +114,17 @@ def test_uncovered_samples_fall_back():
     stacked = torch.stack([t(batch["input"]) for t in teachers]).detach()
     wrong_everywhere = (stacked.argmax(-1) != batch["target"]).all(0) & (batch["target"] >= 0)
     assert wrong_everywhere.any()
-    exclude = OfflineDistillation(MLP(hidden_sizes=[4]), teachers=teachers, purify="wrong")
-    outputs = exclude.forward_models(batch)
+    exclude = OfflineDistillation(
+        MLP(hidden_sizes=[4]), TeacherEnsemble(teachers, purify="wrong")
+    )
+    outputs = exclude.forward_knowledge(batch, "train")
     torch.testing.assert_close(
         outputs["teacher"][wrong_everywhere], outputs["student"][wrong_everywhere]
     )
     label = OfflineDistillation(
-        MLP(hidden_sizes=[4]), teachers=teachers, purify="wrong", purify_fallback="label"
+        MLP(hidden_sizes=[4]), TeacherEnsemble(teachers, purify="wrong", purify_fallback="label")
     )
-    teacher = label.forward_models(batch)["teacher"]
+    teacher = label.forward_knowledge(batch, "train")["teacher"]
     rows = teacher[wrong_everywhere].softmax(-1)
     targets = batch["target"][wrong_everywhere]
     assert (rows.argmax(-1) == targets).all() and (rows.max(-1).values > 0.999).all()
@@ -130,24 +132,22 @@ def test_uncovered_samples_fall_back():
 
 def test_bad_teacher_options_fail_at_construction():
     two = [MLP(hidden_sizes=[4]), MLP(hidden_sizes=[4])]
-    with pytest.raises(ValueError, match="teacher_weights has 3 entries but there are 2 teachers"):
-        OfflineDistillation(
-            MLP(), teachers=two, teacher_weighting="fixed", teacher_weights=[1, 1, 1]
-        )
-    with pytest.raises(ValueError, match="needs teacher_weights"):
-        OfflineDistillation(MLP(), teachers=two, teacher_weighting="fixed")
+    with pytest.raises(ValueError, match="weights has 3 entries but there are 2 teachers"):
+        TeacherEnsemble(two, weighting="fixed", weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="needs weights"):
+        TeacherEnsemble(two, weighting="fixed")
     with pytest.raises(ValueError, match="either `teacher`.*or `teachers`"):
         OfflineDistillation(MLP(), teacher=MLP(), teachers=two)
     with pytest.raises(ValueError, match="purify='unsure' needs a threshold"):
-        OfflineDistillation(MLP(), teachers=two, purify="unsure")
+        TeacherEnsemble(two, purify="unsure")
     with pytest.raises(ValueError, match=r"purify must be one of \['none', 'wrong'"):
-        OfflineDistillation(MLP(), teachers=two, purify="always")
+        TeacherEnsemble(two, purify="always")
 
 
 def test_teachers_are_frozen_and_class_counts_checked():
     module = OfflineDistillation(MLP(), teachers=[MLP(), MLP(num_classes=7)])
-    assert all(not p.requires_grad for p in module.teachers.parameters())
-    teacher_ids = {id(p) for p in module.teachers.parameters()}
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    teacher_ids = {id(p) for p in module.teacher.parameters()}
     assert not teacher_ids & {id(p) for p in module.trainable_parameters()}
     with pytest.raises(ValueError, match=r"teacher 1 \(teachers.1\) outputs 7 logits"):
         fast_trainer(limit_train_batches=1).fit(module, DigitsTransferSet())
@@ -163,8 +163,9 @@ def test_purification_recovers_a_corrupted_teacher(mlp_teacher_checkpoint):
         "good": {"teacher": PretrainedTeacher(path)},
         "mean": {"teachers": [PretrainedTeacher(path), PermutedTeacher(path)]},
         "purified": {
-            "teachers": [PretrainedTeacher(path), PermutedTeacher(path)],
-            "purify": "wrong",
+            "teacher": TeacherEnsemble(
+                [PretrainedTeacher(path), PermutedTeacher(path)], purify="wrong"
+            )
         },
     }
     accuracy = {}
