@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from kd_lightning.callbacks.pruning import make_checkpoint_self_contained, student_of
+from kd_lightning.callbacks.student import make_checkpoint_self_contained, student_of
 from kd_lightning.compression.quantization import (
     convert_qat,
     model_size_bytes,
