@@ -1,0 +1,400 @@
+r"""Memory-bounded token-level distillation: chunked logits and fused output layer.
+
+The same loss as :func:`kd_lightning.functional.token.token_divergence` (same equation, masking,
+shift, reduction, temperature, ``-inf`` handling; see that module), computed over row chunks of
+the flattened ``(N, V)`` tokens with hand-derived gradients, so that memory grows with the chunk,
+not with N x V:
+
+- :func:`chunked_token_divergence` takes both models' logits. Forward keeps only the inputs
+  (which exist anyway); backward recomputes each chunk's probabilities and writes the student's
+  logit gradient chunk by chunk. The full ``(N, V)`` probabilities of the two models are never
+  held; the only new ``(N, V)`` tensor is the logit gradient autograd asks for.
+- :func:`fused_linear_token_divergence` takes the student's final hidden states ``(N, H)`` and
+  output-layer weight ``(V, H)`` (+ bias) and forms each chunk's logits itself, so the student's
+  ``(N, V)`` logits never exist; the teacher comes as logits or as hidden states + weight. The
+  gradients with respect to hidden states, weight and bias are accumulated during the forward
+  pass (one output-layer product per chunk, two for the gradients: the same work as the naive
+  graph, no recomputation) and scaled by the incoming gradient in backward. This is the idea of
+  Liger-Kernel's fused linear JSD (Hsu et al. 2024), written here in plain torch.
+
+Gradient of one token's divergence with respect to the scaled student logits :math:`s = z/T`
+(softmax Jacobian :math:`\partial q_j / \partial s_i = q_j(\delta_{ij} - q_i)`):
+
+- forward KL: :math:`q - p`;
+- reverse KL: :math:`q_i (\log(q_i/p_i) - \mathrm{KL}(q \| p))` on the teacher's support, 0 off it;
+- JSD: :math:`q_i (g_i - \sum_j q_j g_j)` with :math:`g = (1 - \beta) \log (q / m)`
+  (:math:`\partial\, \mathrm{JSD}_\beta / \partial q_i = (1-\beta) \log(q_i / m_i)`);
+- total variation: the same with :math:`g = \tfrac12 \operatorname{sign}(q - p)` (0 at ties, like
+  autograd's ``abs``).
+
+The loss is :math:`c \sum_n w_n D_n` with :math:`c = T^2` (or 1), so the logit gradient of row n is
+:math:`c\, w_n \nabla_s D_n / T`. The tests check values and gradients against the autograd of
+the naive form. Neither function supports double backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from kd_lightning.functional._precision import full_precision
+from kd_lightning.functional.token import (
+    TOKEN_IGNORE_INDEX,
+    check_token_options,
+    check_vocab_sizes,
+    compute_dtype,
+    scaled_rows,
+    token_weights,
+)
+
+CHUNK_ELEMENTS = 1 << 22
+"""Default chunk: about 4M logits (16 MiB in float32) per chunk, at least one row."""
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that a chunk holds about :data:`CHUNK_ELEMENTS` logits."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def divergence_rows_and_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    objective: str,
+    beta: float,
+    need_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row divergence ``(c,)`` and its gradient ``(c, V)`` w.r.t. the scaled student logits.
+
+    Inputs are temperature-scaled logits of one chunk in the compute dtype; ``teacher`` may hold
+    ``-inf``. The gradient is ``None`` when ``need_grad`` is False.
+    """
+    if objective == "jsd" and beta == 0.0:
+        objective = "forward_kl"
+    elif objective == "jsd" and beta == 1.0:
+        objective = "reverse_kl"
+    log_p = F.log_softmax(teacher, dim=-1)
+    p = log_p.exp()
+    if objective == "reverse_kl":
+        support = teacher > -math.inf
+        log_q = F.log_softmax(student.masked_fill(~support, -math.inf), dim=-1)
+        q = log_q.exp()
+        gap = torch.where(support, log_q - log_p, 0.0)
+        rows = (q * gap).sum(dim=-1)
+        return rows, (q * (gap - rows.unsqueeze(-1)) if need_grad else None)
+    log_q = F.log_softmax(student, dim=-1)
+    q = log_q.exp()
+    if objective == "forward_kl":
+        rows = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)
+        return rows, (q.sub_(p) if need_grad else None)
+    if objective == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        student_gap = log_q - log_m
+        teacher_term = (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(dim=-1)
+        rows = beta * teacher_term + (1.0 - beta) * (q * student_gap).sum(dim=-1)
+        direction = student_gap.mul_(1.0 - beta)
+    elif objective == "total_variation":
+        difference = q - p
+        rows = 0.5 * difference.abs().sum(dim=-1)
+        direction = difference.sign_().mul_(0.5)
+    else:
+        raise ValueError(
+            f"objective must be one of ('forward_kl', 'reverse_kl', 'jsd', "
+            f"'total_variation'), got {objective!r}."
+        )
+    if not need_grad:
+        return rows, None
+    mean = (q * direction).sum(dim=-1, keepdim=True)
+    return rows, direction.sub_(mean).mul_(q)
+
+
+def _row_spans(count: int, chunk: int):
+    return ((start, min(start + chunk, count)) for start in range(0, count, chunk))
+
+
+class _ChunkedTokenDivergence(torch.autograd.Function):
+    """Loss over ``(N, V)`` logits, chunk by chunk; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weights, objective, beta, temperature, scale, chunk):
+        dtype = weights.dtype
+        total = torch.zeros((), dtype=dtype, device=student.device)
+        for start, stop in _row_spans(student.shape[0], chunk):
+            w = weights[start:stop]
+            keep = (w > 0).unsqueeze(-1)
+            s = scaled_rows(student[start:stop], keep, temperature, dtype)
+            t = scaled_rows(teacher[start:stop], keep, temperature, dtype)
+            rows, _ = divergence_rows_and_grad(s, t, objective, beta, need_grad=False)
+            total += (rows * w).sum()
+        ctx.save_for_backward(student, teacher, weights)
+        ctx.options = (objective, beta, temperature, scale, chunk)
+        return total * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        student, teacher, weights = ctx.saved_tensors
+        objective, beta, temperature, scale, chunk = ctx.options
+        dtype = weights.dtype
+        grad = torch.empty_like(student)
+        factor = grad_output.to(dtype) * (scale / temperature)
+        with full_precision(student):
+            for start, stop in _row_spans(student.shape[0], chunk):
+                w = weights[start:stop]
+                keep = (w > 0).unsqueeze(-1)
+                s = scaled_rows(student[start:stop], keep, temperature, dtype)
+                t = scaled_rows(teacher[start:stop], keep, temperature, dtype)
+                _, row_grad = divergence_rows_and_grad(s, t, objective, beta)
+                grad[start:stop] = row_grad.mul_((w * factor).unsqueeze(-1))
+        return grad, None, None, None, None, None, None, None
+
+
+class _FusedLinearTokenDivergence(torch.autograd.Function):
+    """Loss from student hidden states and output weight; gradients accumulated in forward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        teacher,
+        teacher_weight,
+        teacher_bias,
+        weights,
+        objective,
+        beta,
+        temperature,
+        scale,
+        chunk,
+    ):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_grad = need_hidden or need_weight or need_bias
+        dtype = weights.dtype
+        # Gradient products in the weight's dtype with autocast off: an in-place accumulation
+        # must not be silently cast to half precision.
+        grad_dtype = weight.dtype
+        grad_hidden = (
+            torch.empty(hidden.shape, dtype=grad_dtype, device=hidden.device)
+            if need_hidden
+            else None
+        )
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=grad_dtype, device=weight.device)
+            if need_weight
+            else None
+        )
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
+        )
+        factor = scale / temperature
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        for start, stop in _row_spans(hidden.shape[0], chunk):
+            w = weights[start:stop]
+            keep = (w > 0).unsqueeze(-1)
+            h = torch.where(keep, hidden[start:stop], 0)
+            # The output layers run under the caller's autocast, like the models' own heads.
+            s = F.linear(h, weight, bias)
+            if teacher_weight is None:
+                t = teacher[start:stop]
+            else:
+                t = F.linear(teacher[start:stop], teacher_weight, teacher_bias)
+            with full_precision(hidden):
+                s = scaled_rows(s, keep, temperature, dtype)
+                t = scaled_rows(t, keep, temperature, dtype)
+                rows, row_grad = divergence_rows_and_grad(s, t, objective, beta, need_grad)
+                total += (rows * w).sum()
+                if not need_grad:
+                    continue
+                row_grad = row_grad.mul_((w * factor).unsqueeze(-1))
+                if need_bias:
+                    grad_bias += row_grad.sum(dim=0)
+                if need_hidden:
+                    torch.mm(row_grad, weight, out=grad_hidden[start:stop])
+                if need_weight:
+                    grad_weight.addmm_(row_grad.T, h.to(grad_dtype))
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grads = []
+        for grad, dtype in zip(ctx.grads, ctx.dtypes, strict=True):
+            # In place: these buffers were made for this call and are used once.
+            grads.append(None if grad is None else grad.mul_(grad_output.to(grad.dtype)).to(dtype))
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def _flat_weights(leading, target, mask, shift, reduction, ignore_index, device, dtype):
+    return token_weights(
+        tuple(leading),
+        target,
+        mask,
+        shift=shift,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        device=device,
+        dtype=dtype,
+    ).reshape(-1)
+
+
+def chunked_token_divergence(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    shift: bool = True,
+    reduction: str = "token",
+    ignore_index: int = TOKEN_IGNORE_INDEX,
+    crop_vocab: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`~kd_lightning.functional.token.token_divergence`, chunked over tokens.
+
+    Same arguments, shapes, value and gradient; ``chunk_size`` is the number of tokens (rows of
+    the flattened ``(N, V)`` logits) per chunk, by default about 4M logits per chunk. Peak extra
+    memory: a few ``(chunk_size, V)`` buffers plus the student logits' gradient.
+    """
+    check_token_options(objective, beta, temperature, reduction)
+    size = check_vocab_sizes(student.shape[-1], teacher.shape[-1], crop_vocab)
+    student, teacher = student[..., :size], teacher.detach()[..., :size]
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+            "must have the same (B, L) / (N,) token layout."
+        )
+    dtype = compute_dtype(student, teacher)
+    weights = _flat_weights(
+        student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
+    )
+    chunk = _check_chunk(chunk_size, size)
+    scale = temperature**2 if scale_by_t2 else 1.0
+    with full_precision(student):
+        return _ChunkedTokenDivergence.apply(
+            student.reshape(-1, size),
+            teacher.reshape(-1, size),
+            weights,
+            objective,
+            float(beta),
+            float(temperature),
+            scale,
+            chunk,
+        )
+
+
+def fused_linear_token_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    shift: bool = True,
+    reduction: str = "token",
+    ignore_index: int = TOKEN_IGNORE_INDEX,
+    crop_vocab: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Token-level distillation from the student's hidden states, never forming its full logits.
+
+    The value equals :func:`~kd_lightning.functional.token.token_divergence` on the student
+    logits ``student_hidden @ student_weight.T + student_bias``; gradients flow to
+    ``student_hidden``, ``student_weight`` and ``student_bias`` (whichever require grad), never
+    to the teacher.
+
+    Args:
+        student_hidden: the student's final hidden states (the input of its output layer),
+            ``(B, L, H)`` or ``(N, H)``.
+        student_weight: the student's output-layer weight ``(V_s, H)`` (``lm_head.weight``).
+        teacher: the teacher's logits ``(B, L, V_t)`` / ``(N, V_t)``, or, when
+            ``teacher_weight`` is given, its final hidden states ``(B, L, H_t)`` / ``(N, H_t)``.
+        target, mask, objective, beta, temperature, scale_by_t2, shift, reduction,
+            ignore_index, crop_vocab: as in ``token_divergence``. Cropping drops the output
+            rows past the shared vocabulary range.
+        student_bias: the student's output-layer bias ``(V_s,)``, if any.
+        teacher_weight: the teacher's output-layer weight ``(V_t, H_t)``, if ``teacher`` holds
+            hidden states.
+        teacher_bias: the teacher's output-layer bias ``(V_t,)``, if any.
+        chunk_size: tokens per chunk; by default about 4M logits per chunk.
+
+    Returns:
+        scalar in float32 (float64 for float64 inputs). Peak extra memory: a few
+        ``(chunk_size, V)`` buffers plus the gradients of hidden states and weight.
+    """
+    check_token_options(objective, beta, temperature, reduction)
+    teacher = teacher.detach()
+    student_vocab = student_weight.shape[0]
+    teacher_vocab = teacher.shape[-1] if teacher_weight is None else teacher_weight.shape[0]
+    size = check_vocab_sizes(student_vocab, teacher_vocab, crop_vocab)
+    student_weight = student_weight[:size]
+    student_bias = None if student_bias is None else student_bias[:size]
+    if teacher_weight is None:
+        teacher = teacher[..., :size]
+    else:
+        teacher_weight = teacher_weight.detach()[:size]
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()[:size]
+    if student_hidden.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"Student hidden states {tuple(student_hidden.shape)} and teacher "
+            f"{'hidden states' if teacher_weight is not None else 'logits'} "
+            f"{tuple(teacher.shape)} must have the same (B, L) / (N,) token layout."
+        )
+    if student_hidden.shape[-1] != student_weight.shape[-1]:
+        raise ValueError(
+            f"Student hidden size {student_hidden.shape[-1]} does not match the output weight "
+            f"{tuple(student_weight.shape)}, which must be (vocab, hidden) like nn.Linear.weight."
+        )
+    dtype = compute_dtype(student_hidden, student_weight, teacher)
+    weights = _flat_weights(
+        student_hidden.shape[:-1],
+        target,
+        mask,
+        shift,
+        reduction,
+        ignore_index,
+        student_hidden.device,
+        dtype,
+    )
+    chunk = _check_chunk(chunk_size, size)
+    scale = temperature**2 if scale_by_t2 else 1.0
+    return _FusedLinearTokenDivergence.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_weight,
+        student_bias,
+        teacher.reshape(-1, teacher.shape[-1]),
+        teacher_weight,
+        teacher_bias,
+        weights,
+        objective,
+        float(beta),
+        float(temperature),
+        scale,
+        chunk,
+    )
+
+
+def _check_chunk(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None:
+        return default_chunk_rows(vocab)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}."
+        )
+    return chunk_size
