@@ -68,7 +68,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.functional._precision import full_precision
+from kd_lightning.functional._precision import compute_dtype, full_precision
 
 TOKEN_IGNORE_INDEX = -100
 """Label of an ignored token (Hugging Face and PyTorch ``cross_entropy`` convention)."""
@@ -193,11 +193,6 @@ def token_weights(
     per_sequence = keep.sum(dim=1, keepdim=True)
     sequences = (per_sequence > 0).sum().clamp_min(1)
     return keep / per_sequence.clamp_min(1) / sequences
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (softmax never runs in half precision)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def scaled_rows(

@@ -40,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kd_lightning.functional._precision import full_precision
+from kd_lightning.functional._precision import compute_dtype, full_precision
 from kd_lightning.functional.token import (
     TOKEN_IGNORE_INDEX,
     check_token_options,
     check_vocab_sizes,
-    compute_dtype,
     scaled_rows,
     token_weights,
 )
