@@ -14,6 +14,8 @@ from kd_lightning.data.cifar import CIFAR10TransferSet, CIFAR100TransferSet, Ima
 from kd_lightning.data.dataset_transfer_set import DatasetTransferSet
 from kd_lightning.data.datasets import TransferSet, select_transfer_samples
 from kd_lightning.data.digits import DigitsTransferSet
+from kd_lightning.data.idx import IDXFileError
+from kd_lightning.data.mnist import FashionMNISTTransferSet, MNISTTransferSet
 from kd_lightning.data.synthesised import SynthesisedTransferSet
 from kd_lightning.data.synthetic import SyntheticTransferSet
 from kd_lightning.data.teacher_cache import InvalidCacheFile, TeacherCache, TeacherCacheError
@@ -41,8 +43,11 @@ __all__ = [
     "CIFAR100TransferSet",
     "DigitsTransferSet",
     "EpochSeededSampler",
+    "FashionMNISTTransferSet",
+    "IDXFileError",
     "ImageTransferSet",
     "InvalidCacheFile",
+    "MNISTTransferSet",
     "SynthesisedTransferSet",
     "SyntheticTransferSet",
     "TeacherCache",
