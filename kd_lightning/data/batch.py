@@ -195,7 +195,7 @@ def check_targets(target: Any, num_classes: int | None, where: str = "the labels
             "torch.tensor(label) (or torch.long tensors) from your dataset"
         )
     if target.is_floating_point() or target.dtype == torch.bool:
-        if _one_hot_like(target, num_classes):
+        if target.dim() == 2 and target.shape[-1] == num_classes:  # a value per class
             raise TypeError(
                 f"{where} are one-hot or soft labels ({target.dtype}, shape "
                 f"{tuple(target.shape)}); the library needs class indices: use "

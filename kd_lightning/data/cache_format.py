@@ -154,7 +154,7 @@ class CacheProvenance:
             views=header["views"],
             seed=header["seed"],
             granularity=header.get("granularity", "sample"),
-            splits=tuple(header["data"]),
+            splits=tuple(s for s in ("train", "val", "test") if s in header["data"]),
         )
 
     def check_temperature(self, temperature: float, where: str = "the loss") -> None:
@@ -228,7 +228,7 @@ def sample_keys(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> np.ndarray
         digest = hashlib.blake2b(digest_size=8)
         for name, value in tensors.items():
             digest.update(name.encode())
-            digest.update(_sample_bytes(value, row, None if name == "attention_mask" else mask))
+            digest.update(_sample_bytes(value, row, mask))
         keys[row] = int.from_bytes(digest.digest(), "little")
     return keys
 
