@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import kd_lightning.data.cache_sources as cache_sources
 from kd_lightning.container import (
     PREAMBLE_SIZE,
     TRAILER,
@@ -47,7 +48,6 @@ from kd_lightning.container import (
     verify_payload,
 )
 from kd_lightning.container import read_header as _read_container_header
-from kd_lightning.data import cache_sources
 from kd_lightning.data.batch import normalise_batch
 from kd_lightning.data.cache_format import (
     FORMAT,

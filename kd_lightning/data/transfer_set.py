@@ -241,12 +241,40 @@ class TransferSetDataModule(BaseTransferSetDataModule):
 
     Subclasses implement :meth:`load_split` and pass ``num_classes`` to this constructor, so it
     is known before any data is read (the CLI links it into the student). Transforms run batched
-    on the device (:meth:`transform_batch`), with replayable augmentation. The arguments are
-    those of :class:`BaseTransferSetDataModule`.
+    on the device (:meth:`transform_batch`), with replayable augmentation.
+
+    Args:
+        num_classes: number of classes of the task.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        labeled_fraction: fraction of the transfer set that keeps its labels, in (0, 1].
+        omit_classes: classes removed from the transfer (training) set (kept in val/test).
+        split_seed: seed of the fixed data splits and labeled subset.
+        shuffle_seed: seed of the epoch-wise shuffling (default: the run's seed).
+        teacher_cache: precomputed teacher outputs, put in every batch.
     """
 
-    def __init__(self, num_classes: int, **kwargs: Any) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)
+    def __init__(
+        self,
+        num_classes: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        labeled_fraction: float = 1.0,
+        omit_classes: Sequence[int] | None = None,
+        split_seed: int = 0,
+        shuffle_seed: int | None = None,
+        teacher_cache: TeacherCache | None = None,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            labeled_fraction=labeled_fraction,
+            omit_classes=omit_classes,
+            split_seed=split_seed,
+            shuffle_seed=shuffle_seed,
+            teacher_cache=teacher_cache,
+        )
         self._raw_splits: dict[str, Split] = {}
 
     @abc.abstractmethod
