@@ -139,12 +139,21 @@ def _bars(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
             fontsize=7,
             color=_colour(row),
         )
-    ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=3,
+        fontsize=7,
+        frameon=False,
+    )
     ax.set_xlabel("test accuracy % (mean ± std over seeds)")
     ax.set_title(f"{title}: test accuracy per run")
 
 
 def _learning_curves(ax: Any, rows: list[dict[str, Any]], curves: Curves) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     palette = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
     shown = [r["run"] for r in rows if r["run"] in curves]
@@ -170,7 +179,10 @@ def _learning_curves(ax: Any, rows: list[dict[str, Any]], curves: Curves) -> Non
     ax.set_ylabel("validation accuracy %")
     ax.set_title("learning curves: mean over seeds, band ± std")
     ax.grid(alpha=0.3)
-    if shown:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(shown) > 6:  # many runs: the legend beside the panel, not over the curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    elif shown:
         ax.legend(loc="lower right", fontsize=7, framealpha=0.85)
 
 
@@ -184,7 +196,14 @@ def _sizes(ax: Any, rows: list[dict[str, Any]]) -> None:
             color=_colour(row),
             capsize=2,
         )
-        ax.annotate(row["run"], (row["params"], row["acc_last_mean"]), fontsize=7, alpha=0.8)
+        ax.annotate(
+            row["run"],
+            (row["params"], row["acc_last_mean"]),
+            xytext=(4, 3),
+            textcoords="offset points",
+            fontsize=7,
+            alpha=0.8,
+        )
     from matplotlib.lines import Line2D
 
     jobs = [j for j in JOB_COLOURS if any(r["job_type"] == j for r in rows)]
@@ -216,7 +235,7 @@ def results_figure(
     curves = {k: v for k, v in (curves or {}).items() if any(v)}
     sizes = {r["params"] for r in rows if r["job_type"] != "teacher"}
     kinds = ["bars"] + (["curves"] if curves else []) + (["sizes"] if len(sizes) > 1 else [])
-    height = max(3.2, 0.35 * len(rows) + 1.6)
+    height = max(4.2, 0.35 * len(rows) + 2.4)
     fig, axes = plt.subplots(
         1, len(kinds), figsize=(7.5 * len(kinds), height), squeeze=False, constrained_layout=True
     )

@@ -114,16 +114,34 @@ def root_message(error: BaseException) -> str:
     """The innermost message of an exception chain: the sentence the library itself raised.
 
     jsonargparse wraps a class's own ``ValueError`` in "Does not validate against any of the
-    Union subtypes" once per nesting level; the user needs the innermost sentence first.
+    Union subtypes" once per nesting level; the user needs the innermost sentence first. Where
+    the innermost error is jsonargparse's own (an unknown or mistyped argument), the class it
+    concerns is named and the way to list its arguments is given.
     """
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = error.__cause__ or error.__context__
-        if inner is None:
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        if inner in chain:
             break
-        error = inner
-    return f"{type(error).__name__}: {error}".strip()
+        chain.append(inner)
+    root = chain[-1]
+    if not type(root).__module__.startswith("jsonargparse"):
+        return f"{type(root).__name__}: {root}".strip()
+    problem = next(
+        (
+            str(e).splitlines()[0].rstrip(":")
+            for e in reversed(chain)
+            if str(e).startswith("Problem with given class_path")
+        ),
+        None,
+    )
+    text = str(root).strip()
+    if problem is not None:
+        class_path = problem.split("'")[1] if "'" in problem else "<class_path>"
+        text = (
+            f"{problem}: {text}; check the spelling against its arguments "
+            f"(`kd-lightning fit --model.help {class_path}` lists a method's)"
+        )
+    return text
 
 
 def write_config(config: dict[str, Any], path: Path) -> Path:
