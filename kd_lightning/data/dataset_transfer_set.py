@@ -33,10 +33,10 @@ class DatasetTransferSet(BaseTransferSetDataModule):
     empty training set is refused, before any step.
 
     Args:
-        train: the training (transfer) dataset.
+        num_classes: number of classes of the task.
+        train: the training (transfer) dataset (or built by :meth:`load_dataset`).
         val: the validation dataset (optional).
         test: the test dataset (optional).
-        num_classes: number of classes of the task.
         collate_fn: collate function of every loader (e.g. a padding collator for token
             sequences); default: PyTorch's default collate.
         batch_size: samples per batch.
@@ -51,10 +51,10 @@ class DatasetTransferSet(BaseTransferSetDataModule):
 
     def __init__(
         self,
+        num_classes: int,
         train: Dataset | None = None,
         val: Dataset | None = None,
         test: Dataset | None = None,
-        num_classes: int = 2,
         collate_fn: Callable[[list], Any] | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
