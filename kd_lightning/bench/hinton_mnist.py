@@ -58,9 +58,7 @@ def shift_class_logits(logits: torch.Tensor, classes: Sequence[int], shift: floa
     return shifted
 
 
-def count_errors(
-    logits: torch.Tensor, targets: torch.Tensor, on_class: int | None = None
-) -> int:
+def count_errors(logits: torch.Tensor, targets: torch.Tensor, on_class: int | None = None) -> int:
     """Misclassified samples (argmax; ties go to the lower class index), optionally only those
     whose target is ``on_class``."""
     wrong = logits.argmax(-1) != targets
@@ -304,7 +302,14 @@ def write_csv(data: dict[str, Any], path: Path) -> None:
             rows.append({"table": "transfer", "row": run, "seeds": 1, "errors": data[run]})
     for width, row in data["temperature"].items():
         for t, errors in row.items():
-            rows.append({"table": f"temperature_2x{width}", "row": str(t), "seeds": len(errors), "errors": errors})
+            rows.append(
+                {
+                    "table": f"temperature_2x{width}",
+                    "row": str(t),
+                    "seeds": len(errors),
+                    "errors": errors,
+                }
+            )
     for run, errors in data["fashion"].items():
         rows.append({"table": "fashion_mnist", "row": run, "seeds": len(errors), "errors": errors})
     with path.open("w", newline="") as handle:
@@ -337,7 +342,9 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
     for width, row in data["temperature"].items():
         temps = sorted(t for t in row if t != "alone")
         if temps:
-            line = right.plot(temps, [statistics.mean(row[t]) for t in temps], "o-", label=f"2x{width}")
+            line = right.plot(
+                temps, [statistics.mean(row[t]) for t in temps], "o-", label=f"2x{width}"
+            )
             if row["alone"]:
                 right.axhline(statistics.mean(row["alone"]), ls="--", color=line[0].get_color())
     right.set_xscale("log")
@@ -357,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--mnist", default="results/mnist-hinton2015", help="study.yaml's output")
     parser.add_argument(
-        "--transfer", default="results/mnist-hinton2015-transfer", help="study_transfer.yaml's output"
+        "--transfer",
+        default="results/mnist-hinton2015-transfer",
+        help="study_transfer.yaml's output",
     )
     parser.add_argument("--fashion", default="results/fashion-mnist")
     parser.add_argument("--fashion-teacher", default="results/fashion-mnist-teacher")
@@ -374,7 +383,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_csv(data, out / "hinton2015.csv")
     png = plot(data, out / "hinton2015.png")
     print(markdown)
-    print("written:", ", ".join(str(out / f) for f in ("hinton2015.md", "hinton2015.csv")), png or "")
+    print(
+        "written:", ", ".join(str(out / f) for f in ("hinton2015.md", "hinton2015.csv")), png or ""
+    )
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ class _IDXTransferSet(ImageTransferSet):
         shuffle_seed: int | None = None,
         val_size: int = 5000,
         train_size: int | None = None,
+        test_size: int | None = None,
         jitter: int = 0,
         teacher_cache: TeacherCache | None = None,
     ) -> None:
@@ -197,8 +198,9 @@ class _IDXTransferSet(ImageTransferSet):
                 f"val_size must be in (0, 60000), got {val_size}: the validation split is held "
                 "out of the 60,000 training images (the test set is never used for validation)"
             )
-        if train_size is not None and train_size < 1:
-            raise ValueError(f"train_size must be >= 1 or None (all), got {train_size}")
+        for name, size in (("train_size", train_size), ("test_size", test_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"{name} must be >= 1 or None (all), got {size}")
         super().__init__(
             num_classes=10,
             mean=(0.0,),  # pixels scaled to [0, 1] and not centred, as in Hinton et al.'s nets
@@ -214,7 +216,8 @@ class _IDXTransferSet(ImageTransferSet):
             shuffle_seed=shuffle_seed,
             teacher_cache=teacher_cache,
         )
-        self.root, self.val_size, self.train_size, self.jitter = root, val_size, train_size, jitter
+        self.root, self.val_size, self.jitter = root, val_size, jitter
+        self.train_size, self.test_size = train_size, test_size
         self._splits: dict[str, Split] | None = None
 
     @property
@@ -241,10 +244,11 @@ class _IDXTransferSet(ImageTransferSet):
             val, rest = order[: self.val_size], order[self.val_size :].sort().values
             if self.train_size is not None:
                 rest = rest[: self.train_size]
+            test_images, test_labels = data["test"]
             self._splits = {
                 "train": (images[rest], labels[rest]),
                 "val": (images[val], labels[val]),
-                "test": data["test"],
+                "test": (test_images[: self.test_size], test_labels[: self.test_size]),
             }
         return self._splits[split]
 
@@ -261,6 +265,8 @@ _ARGS_DOC = """
         val_size: training images held out for validation (fixed by ``split_seed``); the
             transfer set is the rest, the test set is the official 10,000 images.
         train_size: keep only the first ``train_size`` transfer images (quick checks).
+        test_size: keep only the first ``test_size`` test images (quick checks; the published
+            figures are on all 10,000).
         jitter: shift training images by up to this many pixels in each direction (a random
             crop of the image zero-padded by ``jitter``; Hinton et al. 2015 jitter the MNIST
             teacher's inputs by up to 2). Validation and test images are never shifted.
