@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningCLI
 from kd_lightning.callbacks.prediction_writer import PredictionWriter
 from kd_lightning.cli_errors import (
     CLIError,
+    quiet_evaluation_noise,
     quiet_first_run_checkpoint_dir,
     quiet_known_noise,
     run_with_clean_errors,
@@ -107,31 +108,38 @@ def _student_spec(model: Any) -> dict[str, Any] | None:
     if not isinstance(model, Namespace) or not model.get("class_path"):
         return None
     try:
-        student_arg = getattr(_import_class(model["class_path"]), "student_arg", "student")
+        method = _import_class(model["class_path"])
     except (ImportError, AttributeError, ValueError):
         return None
+    # The exported student: the first of ``student_args``, or ``student_arg``.
+    student_arg = (getattr(method, "student_args", None) or (None,))[0] or getattr(
+        method, "student_arg", "student"
+    )
     spec = (model.get("init_args") or Namespace()).get(student_arg)
     return spec.as_dict() if isinstance(spec, Namespace) else None
 
 
-def checkpoint_record(path: Path) -> dict[str, Any] | None:
-    """The ``kd_lightning`` record of a checkpoint (method, student spec), ``None`` without one.
-
-    Read with ``weights_only=True``: naming a file never runs code from it.
-    """
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, memory-mapped, read with ``weights_only=True`` (naming a file
+    never runs code from it)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
+        first_line = str(err).splitlines()[0] if str(err) else ""
         raise CLIError(
             f"cannot read --ckpt_path {str(path)!r} as a checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); pass a .ckpt written by fit."
+            f"{first_line}); pass a .ckpt written by fit."
         ) from err
-    record = checkpoint.get("kd_lightning") if isinstance(checkpoint, dict) else None
-    return record if isinstance(record, dict) else None
+    if not isinstance(checkpoint, dict):
+        raise CLIError(f"--ckpt_path {str(path)!r} is not a Lightning checkpoint (no dict).")
+    return checkpoint
 
 
-def check_evaluated_checkpoint(config: Namespace) -> None:
+def check_evaluated_checkpoint(config: Namespace) -> dict[str, Any] | None:
     """Refuse ``validate``/``test``/``predict`` runs that would evaluate the wrong weights.
+
+    Returns:
+        The checkpoint that will be evaluated (``None`` when there is no file to read).
 
     Raises:
         CLIError: no ``--ckpt_path`` (and neither ``--untrained`` nor a ``FromCheckpoint``
@@ -140,26 +148,27 @@ def check_evaluated_checkpoint(config: Namespace) -> None:
     """
     subcommand = config.get("subcommand")
     if subcommand not in EVALUATING:
-        return
+        return None
     settings = config[subcommand]
     ckpt_path, model = settings.get("ckpt_path"), settings.get("model")
     student = _student_spec(model)
     if ckpt_path is None:
         if settings.get("untrained") or is_from_checkpoint_spec(student):
-            return
+            return None
         raise CLIError(
             f"{subcommand} needs trained weights: pass --ckpt_path <the checkpoint fit wrote for "
             f"this config>. Without it {subcommand} evaluates freshly initialised weights; add "
             "--untrained to do that on purpose (a chance-level baseline)."
         )
     if str(ckpt_path) in CKPT_KEYWORDS:
-        return
+        return None
     path = Path(ckpt_path)
     if not path.is_file():
         raise CLIError(f"--ckpt_path {str(path)!r} does not exist; pass a .ckpt written by fit.")
-    record = checkpoint_record(path)
-    if record is None:  # not written by kd_lightning: nothing recorded to compare
-        return
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get("kd_lightning")
+    if not isinstance(record, dict):  # not written by kd_lightning: nothing recorded to compare
+        return checkpoint
     config_method = _canonical(model.get("class_path") if isinstance(model, Namespace) else None)
     saved_method = _canonical(record.get("method"))
     saved_spec = record.get("student_spec")
@@ -179,6 +188,7 @@ def check_evaluated_checkpoint(config: Namespace) -> None:
             "config's. Pass the checkpoint this config's fit wrote, or the config that wrote "
             f"{path.name}."
         )
+    return checkpoint
 
 
 class RecordInputShape(Callback):
@@ -235,7 +245,26 @@ class KDLightningCLI(LightningCLI):
         else:
             self.config = parser.parse_args(args)
         # Before Lightning replaces the model config with the checkpoint's hyperparameters.
-        check_evaluated_checkpoint(self.config)
+        self._evaluated = check_evaluated_checkpoint(self.config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Merge the evaluated checkpoint's hyperparameters into the model config.
+
+        Lightning does this itself for checkpoints written through LightningCLI (they record
+        ``_class_path``). For one written from Python it puts the init args at the model's top
+        level, which subclass mode rejects ("Option 'model.init_args.num_classes' is not
+        accepted"); here they become the init args of the config's method, whose class
+        :func:`check_evaluated_checkpoint` compared with the checkpoint's.
+        """
+        checkpoint = getattr(self, "_evaluated", None)
+        hparams = dict(checkpoint.get("hyper_parameters") or {}) if checkpoint else {}
+        hparams.pop("_instantiator", None)
+        if not hparams or "_class_path" in hparams:
+            super()._parse_ckpt_path()
+            return
+        subcommand = self.config.subcommand
+        model = {"class_path": self.config[subcommand].model.class_path, "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -262,6 +291,11 @@ class KDLightningCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                 quiet_first_run_checkpoint_dir(callback.dirpath)
+
+    def before_validate(self) -> None:
+        quiet_evaluation_noise()
+
+    before_test = before_predict = before_validate
 
 
 def build_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> KDLightningCLI:

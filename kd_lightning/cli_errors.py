@@ -199,6 +199,13 @@ def quiet_known_noise() -> None:
     )
 
 
+def quiet_evaluation_noise() -> None:
+    """Filters of ``validate``/``test``/``predict``, which write no checkpoint."""
+    # Restoring a checkpoint in another run folder, ModelCheckpoint says it will not reload its
+    # best-k bookkeeping: only fit (resuming) uses that state.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
+
+
 def quiet_first_run_checkpoint_dir(dirpath: str | Path) -> None:
     """Silence "Checkpoint directory ... exists and is not empty" for ``dirpath`` when it holds
     no checkpoint yet: a logger writing its ``version_N/`` into the same folder fills it first,
