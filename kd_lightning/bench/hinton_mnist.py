@@ -97,9 +97,21 @@ def select_bias_shift(
 
 # ------------------------------------------------------------------------ finished study runs
 def run_dirs(output_dir: Path, run: str) -> list[Path]:
-    """``<output_dir>/runs/<run>/seed<k>`` folders that hold a finished run, by seed."""
+    """``<output_dir>/runs/<run>/seed<k>`` folders that hold a finished run, by seed.
+
+    A study run with ``--set`` overrides keeps its runs in ``runs/<run>/set-<hash>/seed<k>``;
+    those are read when they are the only results of the run.
+    """
     folder = Path(output_dir) / "runs" / run
     found = [p.parent for p in folder.glob("seed*/result.json")]
+    if not found:
+        sets = sorted({p.parent.parent for p in folder.glob("set-*/seed*/result.json")})
+        if len(sets) > 1:
+            raise ValueError(
+                f"{folder} holds results of {len(sets)} override sets ({', '.join(s.name for s in sets)}); "
+                "pass the study output that holds one"
+            )
+        found = [p.parent for p in folder.glob("set-*/seed*/result.json")]
     return sorted(found, key=lambda p: int(p.name.removeprefix("seed")))
 
 

@@ -94,8 +94,8 @@ class StudyCLI(LightningCLI):
 def build_config(config_path: str | Path) -> StudyCLI:
     """Parse a LightningCLI YAML file and build its model, data module and trainer (no fit).
 
-    Raises the library's own error for a bad value (the innermost of jsonargparse's chain is
-    kept as ``__cause__``); see :func:`root_message`.
+    A bad value raises jsonargparse's error around the library's own; :func:`root_message`
+    finds the library's sentence in that chain.
     """
     return StudyCLI(
         L.LightningModule,
@@ -111,37 +111,16 @@ def build_config(config_path: str | Path) -> StudyCLI:
 
 
 def root_message(error: BaseException) -> str:
-    """The innermost message of an exception chain: the sentence the library itself raised.
+    """The sentence to show for ``error``: the library's own (or a user class's) message, not
+    jsonargparse's wrappers around it (see :func:`kd_lightning.cli_errors.user_message`); for
+    any other error its innermost exception as ``Type: message``."""
+    from kd_lightning.cli_errors import exception_chain, user_message
 
-    jsonargparse wraps a class's own ``ValueError`` in "Does not validate against any of the
-    Union subtypes" once per nesting level; the user needs the innermost sentence first. Where
-    the innermost error is jsonargparse's own (an unknown or mistyped argument), the class it
-    concerns is named and the way to list its arguments is given.
-    """
-    chain = [error]
-    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None:
-        if inner in chain:
-            break
-        chain.append(inner)
-    root = chain[-1]
-    if not type(root).__module__.startswith("jsonargparse"):
-        return f"{type(root).__name__}: {root}".strip()
-    problem = next(
-        (
-            str(e).splitlines()[0].rstrip(":")
-            for e in reversed(chain)
-            if str(e).startswith("Problem with given class_path")
-        ),
-        None,
-    )
-    text = str(root).strip()
-    if problem is not None:
-        class_path = problem.split("'")[1] if "'" in problem else "<class_path>"
-        text = (
-            f"{problem}: {text}; check the spelling against its arguments "
-            f"(`kd-lightning fit --model.help {class_path}` lists a method's)"
-        )
-    return text
+    message = user_message(error)
+    if message is not None:
+        return message
+    root = list(exception_chain(error))[-1]
+    return f"{type(root).__name__}: {root}".strip()
 
 
 def write_config(config: dict[str, Any], path: Path) -> Path:

@@ -70,6 +70,7 @@ from kd_lightning.bench.report import summarise, write_report
 from kd_lightning.bench.run import execute_run, quiet_lightning
 from kd_lightning.bench.study_file import Study, StudyError, StudyRun
 from kd_lightning.bench.tracking import StudyTracker, WandbSettings, job_type
+from kd_lightning.cli_errors import EXIT_USAGE, TRACEBACK_ENV, TRACEBACK_FLAG, wants_traceback
 
 __all__ = [
     "RESULT_HOOKS",
@@ -413,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``kd-lightning study``: parse ``argv`` (without the ``study`` word) and run the study.
 
     A study that cannot start (:class:`StudyError`) prints its message alone and exits with
-    status 2; ``--traceback`` shows the full traceback instead.
+    status 2, as every ``kd-lightning`` command does; ``--traceback`` (or
+    ``KD_LIGHTNING_TRACEBACK=1``) shows the full traceback instead.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -447,7 +449,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             overwrite=args.overwrite,
         )
     except StudyError as error:
-        if args.traceback:
+        if args.traceback or wants_traceback([])[0]:
             raise
-        print(f"kd-lightning study: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        sys.stdout.flush()
+        print(f"kd-lightning study: error: {error}", file=sys.stderr)
+        print(
+            f"(the traceback: rerun with {TRACEBACK_FLAG}, or set {TRACEBACK_ENV}=1)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_USAGE) from None
