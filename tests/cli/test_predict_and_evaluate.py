@@ -116,3 +116,15 @@ def test_missing_checkpoint_file_is_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["test", "-c", str(TEACHER), "--ckpt_path", "runs/none.ckpt", *QUIET])
     assert "--ckpt_path 'runs/none.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_logits_are_written_as_probabilities():
+    """Rows that are not distributions are logits: softmax([0, ln 3]) = [1/4, 3/4] by hand."""
+    from kd_lightning.callbacks.prediction_writer import as_probabilities
+
+    logits = torch.tensor([[0.0, torch.log(torch.tensor(3.0)).item()], [2.0, -1.0]])
+    expected = torch.tensor([[0.25, 0.75], [1 / (1 + torch.exp(torch.tensor(-3.0)).item()), 0.0]])
+    expected[1, 1] = 1 - expected[1, 0]
+    torch.testing.assert_close(as_probabilities(logits), expected)
+    probabilities = torch.tensor([[0.2, 0.8], [1.0, 0.0]])
+    assert torch.equal(as_probabilities(probabilities), probabilities)  # already distributions
