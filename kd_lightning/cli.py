@@ -256,7 +256,7 @@ class KDLightningCLI(LightningCLI):
         accepted"); here they become the init args of the config's method, whose class
         :func:`check_evaluated_checkpoint` compared with the checkpoint's.
         """
-        checkpoint = getattr(self, "_evaluated", None)
+        checkpoint, self._evaluated = getattr(self, "_evaluated", None), None
         hparams = dict(checkpoint.get("hyper_parameters") or {}) if checkpoint else {}
         hparams.pop("_instantiator", None)
         if not hparams or "_class_path" in hparams:
@@ -274,7 +274,7 @@ class KDLightningCLI(LightningCLI):
         # A datamodule reads no data in __init__ (Lightning's convention): cheap to build twice.
         try:
             datamodule = instantiate(data_config.as_dict())
-        except Exception as err:
+        except (ValueError, TypeError, LookupError, OSError, ImportError) as err:
             raise CLIError(
                 f"cannot build the data ({data_config.get('class_path')}): {err}"
             ) from err
