@@ -136,7 +136,7 @@ def format_markdown(
         lines[0] += f" ({QUICK_CHECK_MARK.lower()})"
         lines += [
             f"> **{QUICK_CHECK_MARK}, not the study's result**: {quick_check}. The study's own "
-            "table is written by the same command without `--set`, `--only` and `--seeds`.",
+            "table is written by the same command without `--set` and with the file's seeds.",
             "",
         ]
     lines += [

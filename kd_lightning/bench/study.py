@@ -16,9 +16,11 @@ crash, or a killed job) and the same command again continue where it stopped.
 
 Safety: a folder that holds a *finished* result of another config (the study file, a config or
 a teacher changed) is never replaced silently: the study refuses before anything trains and
-names ``--overwrite``. Results are written atomically. A quick check (``--set``, ``--only`` or
-``--seeds``: anything that is not the study as its file defines it) writes its table and figure
-to ``<output_dir>/quick-checks/<hash>/``, marked as such, never over the study's own table.
+names ``--overwrite``. Results are written atomically. The study's table (``results.*`` in the
+output folder) shows every finished run of the study as its file defines it, so ``--only`` and
+a subset of ``--seeds`` add to it. A quick check (``--set``, or seeds the file does not list)
+writes its table and figure to ``<output_dir>/quick-checks/<hash>/``, marked as such, never
+over the study's own.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ __all__ = [
     "resolve_config",
     "run_study",
     "set_dotted",
+    "study_table_results",
 ]
 
 QUICK_CHECKS = "quick-checks"
@@ -122,18 +125,29 @@ class StudyResults(list):
 def quick_check_label(
     study: Study,
     seeds: Sequence[int] | None = None,
-    only: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> str | None:
-    """How a run of ``study`` differs from the study as its file defines it (``None``: not)."""
+    """How a run of ``study`` differs from the study as its file defines it, or ``None``.
+
+    ``--set`` changes configs, and seeds the file does not list are not the study's: both make
+    a quick check. ``--only`` and a subset of the file's seeds choose what trains now; they are
+    not quick checks (the study's table then shows every finished run of the study).
+    """
     parts = []
     if overrides:
         parts.append("--set " + " ".join(f"{k}={v}" for k, v in overrides.items()))
-    if only and len(study.select(only)) != len(study.runs):
-        parts.append("--only " + " ".join(only))
-    if seeds is not None and list(seeds) != list(study.seeds):
+    foreign = [s for s in seeds or [] if s not in study.seeds]
+    if foreign:
         parts.append("--seeds " + " ".join(str(s) for s in seeds))
     return "; ".join(parts) or None
+
+
+def study_table_results(study: Study) -> tuple[list[dict[str, Any]], list[str]]:
+    """Results of every finished (run, seed) of ``study`` as its file defines it (all runs,
+    its seeds, no overrides), and the labels of those not finished yet."""
+    plan = plan_study(study, study.ordered_runs())
+    done = [json.loads((p.run_dir / RESULT_NAME).read_text()) for p in plan if p.status == "done"]
+    return done, [p.label for p in plan if p.status != "done"]
 
 
 def _refuse_stale(plan: list[PlannedRun], output_dir: Path) -> None:
@@ -180,9 +194,9 @@ def run_study(
 
     Args:
         study: a study file, or a :class:`Study` built in Python.
-        seeds: replace the study's seeds (a quick check unless equal to them).
+        seeds: replace the study's seeds (a quick check if some are not the file's).
         output_dir: replace the study's output folder.
-        only: run only these runs (and the runs they need); a quick check.
+        only: run only these runs (and the runs they need).
         overrides: ``{dotted.key: value}`` set in every run whose config has the key's parent;
             a quick check.
         wandb: W&B settings (``True``: defaults); replaces the study's ``wandb`` key.
@@ -199,7 +213,8 @@ def run_study(
     from kd_lightning.teachers import load_student
 
     study = Study.from_file(study) if not isinstance(study, Study) else copy.copy(study)
-    quick_check = quick_check_label(study, seeds, only, overrides)
+    quick_check = quick_check_label(study, seeds, overrides)
+    file_seeds = list(study.seeds)
     if seeds is not None:
         study.seeds = list(seeds)
     if output_dir is not None:
@@ -329,23 +344,36 @@ def run_study(
             f" | study ETA {format_seconds(eta)} (elapsed {format_seconds(time.perf_counter() - started)})",
             flush=True,
         )
-    order = list(dict.fromkeys(item.run.name for item in plan))
-    rows = summarise(
-        results,
-        order,
-        baselines={r.name: study.baseline_of(r) for r in runs},
-        published={r.name: r.published for r in runs if r.published},
-    )
+    notes: list[str] = []
     report_dir = study.output_dir
-    if quick_check is not None:
+    if quick_check is None:  # the study's own table: every finished run of the study as defined
+        table_study = copy.copy(study)
+        table_study.seeds = file_seeds
+        table_results, missing = study_table_results(table_study)
+        table_runs = table_study.ordered_runs()
+        if missing:
+            shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+            notes.append(
+                f"Incomplete: {len(missing)} (run, seed) pair(s) of the study not finished yet "
+                f"({shown}); rerun the study to complete the table."
+            )
+    else:
         variation = {"set": overrides or {}, "only": sorted(only or []), "seeds": study.seeds}
         report_dir = study.output_dir / QUICK_CHECKS / digest(variation)[:8]
+        table_results, table_runs = list(results), runs
+    rows = summarise(
+        table_results,
+        [r.name for r in table_runs],
+        baselines={r.name: study.baseline_of(r) for r in table_runs},
+        published={r.name: r.published for r in table_runs if r.published},
+    )
     paths = write_report(
         rows,
         report_dir,
         title=study.name,
+        notes=notes,
         echo=echo,
-        curves=curves_from_results(results),
+        curves=curves_from_results(table_results),
         quick_check=quick_check,
     )
     if tracker is not None:

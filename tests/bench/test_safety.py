@@ -83,18 +83,33 @@ def test_finished_results_are_refused_quick_checks_kept_apart_overwrite_replaces
     assert replaced[0]["params"] == 64 * 16 + 16 + 16 * 10 + 10
 
 
-def test_only_and_seeds_subsets_are_quick_checks_too(tmp_path):
+def test_only_and_seed_subsets_add_to_the_study_table_other_seeds_are_quick_checks(tmp_path):
     config = DIGITS / "student_alone.yaml"
     path = _write_study(tmp_path, config, lr=0.003)
     spec = yaml.safe_load(path.read_text())
     spec["seeds"] = [0, 1]
+    spec["runs"].append(
+        {
+            "name": "alone_wide",
+            "config": str(config),
+            "overrides": {**TINY, LR: 0.003, "model.init_args.model.init_args.hidden_sizes": [48]},
+        }
+    )
     path.write_text(yaml.safe_dump(spec))
-    subset = run_study(path, seeds=[1], echo=False)
-    assert subset.quick_check == "--seeds 1"
-    assert not (tmp_path / "out" / "results.md").exists()
-    assert "quick check" in subset.paths["markdown"].read_text().splitlines()[0]
-    same = run_study(path, seeds=[0, 1], only=["alone"], echo=False)  # = the study itself
-    assert same.quick_check is None and (tmp_path / "out" / "results.md").is_file()
+    out = tmp_path / "out"
+    first = run_study(path, seeds=[1], only=["alone"], echo=False)  # a piece of the study
+    assert first.quick_check is None and first.paths["csv"] == out / "results.csv"
+    assert [(r["run"], r["seeds"]) for r in first.rows] == [("alone", 1)]
+    markdown = first.paths["markdown"].read_text()
+    assert "Incomplete: 3 (run, seed) pair(s)" in markdown
+    assert "alone seed=0, alone_wide seed=0, alone_wide seed=1" in markdown
+    second = run_study(path, seeds=[0], echo=False)  # the rest of seed 0: the table grows
+    assert [(r["run"], r["seeds"]) for r in second.rows] == [("alone", 2), ("alone_wide", 1)]
+    table = (out / "results.csv").read_bytes()
+    other = run_study(path, seeds=[7], only=["alone"], echo=False)  # not a seed of the study
+    assert other.quick_check == "--seeds 7"
+    assert other.paths["csv"].parent.parent == out / "quick-checks"
+    assert (out / "results.csv").read_bytes() == table
 
 
 def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
