@@ -202,29 +202,46 @@ def scaled_rows(
 
     Selecting (not multiplying) makes dropped rows' values irrelevant, inf and NaN included.
     """
-    return torch.where(keep, logits.to(dtype), 0.0) / temperature
+    rows = torch.where(keep, logits, 0.0).to(dtype)
+    # A fresh tensor (where's output), so dividing in place is safe, for autograd too.
+    return rows if temperature == 1.0 else rows.div_(temperature)
 
 
-def divergence_rows(
-    student: torch.Tensor, teacher: torch.Tensor, objective: str, beta: float = 0.5
-) -> torch.Tensor:
-    """Per-row divergence ``D(p, q)`` from temperature-scaled logits ``(N, V)`` -> ``(N,)``.
-
-    Plain differentiable torch: autograd gives the gradient. ``teacher`` may hold ``-inf``.
-    """
+def effective_objective(objective: str, beta: float) -> str:
+    """The JSD's ends are the KLs: ``beta=0`` -> ``"forward_kl"``, ``beta=1`` -> ``"reverse_kl"``."""
     if objective == "jsd" and beta == 0.0:
-        objective = "forward_kl"
-    elif objective == "jsd" and beta == 1.0:
-        objective = "reverse_kl"
+        return "forward_kl"
+    if objective == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return objective
+
+
+def token_log_probs(
+    student: torch.Tensor, teacher: torch.Tensor, objective: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log q, log p)`` from temperature-scaled logits ``(N, V)``.
+
+    For the reverse KL the student is renormalised over the teacher's support (entries where the
+    teacher is ``-inf`` are removed from the student too).
+    """
     log_p = F.log_softmax(teacher, dim=-1)
+    if objective == "reverse_kl":
+        student = student.masked_fill(teacher == -math.inf, -math.inf)
+    return F.log_softmax(student, dim=-1), log_p
+
+
+def divergence_rows(log_q: torch.Tensor, log_p: torch.Tensor, objective: str, beta: float = 0.5):
+    """Per-row divergence ``D(p, q)`` ``(N,)`` from the log-probabilities of :func:`token_log_probs`.
+
+    Plain differentiable torch: autograd gives the gradient. ``log_p`` may hold ``-inf``; every
+    term with a zero probability is selected away *before* a product, so 0 log 0 = 0 holds in the
+    value and in the gradient (``q * (-inf - -inf)`` would be NaN in both). ``objective`` is
+    one of :data:`OBJECTIVES` after :func:`effective_objective`.
+    """
     p = log_p.exp()
     if objective == "reverse_kl":
-        support = teacher > -math.inf
-        log_q = F.log_softmax(student.masked_fill(~support, -math.inf), dim=-1)
-        # Select before multiplying: q * (-inf - -inf) would be NaN, and its gradient too.
-        gap = torch.where(support, log_q - log_p, 0.0)
+        gap = torch.where(log_p == -math.inf, 0.0, log_q - log_p)
         return (log_q.exp() * gap).sum(dim=-1)
-    log_q = F.log_softmax(student, dim=-1)
     if objective == "forward_kl":
         return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)
     if objective == "jsd":
@@ -295,9 +312,14 @@ def token_divergence(
     with full_precision(student):
         dtype = weights.dtype
         keep = (weights > 0).unsqueeze(-1)
-        s = scaled_rows(student.reshape(-1, vocab), keep, temperature, dtype)
-        t = scaled_rows(teacher.reshape(-1, vocab), keep, temperature, dtype)
-        loss = (divergence_rows(s, t, objective, beta) * weights).sum()
+        objective = effective_objective(objective, beta)
+        # The scaled copies are temporaries: only the log-probabilities stay for backward.
+        log_q, log_p = token_log_probs(
+            scaled_rows(student.reshape(-1, vocab), keep, temperature, dtype),
+            scaled_rows(teacher.reshape(-1, vocab), keep, temperature, dtype),
+            objective,
+        )
+        loss = (divergence_rows(log_q, log_p, objective, beta) * weights).sum()
     return loss * temperature**2 if scale_by_t2 else loss
 
 

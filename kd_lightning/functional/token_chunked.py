@@ -35,6 +35,8 @@ the naive form. Neither function supports double backward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +47,16 @@ from kd_lightning.functional.token import (
     TOKEN_IGNORE_INDEX,
     check_token_options,
     check_vocab_sizes,
+    effective_objective,
     scaled_rows,
     token_weights,
 )
 
-CHUNK_ELEMENTS = 1 << 22
-"""Default chunk: about 4M logits (16 MiB in float32) per chunk, at least one row."""
+CHUNK_ELEMENTS = 1 << 23
+"""Default chunk: about 8M logits (32 MiB in float32) per chunk, at least one row.
+
+Smaller chunks lower the peak memory; larger ones use the output-layer products better (each
+chunk reads the whole weight once)."""
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -58,50 +64,77 @@ def default_chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
+def chunk_log_probs(
+    student_logits: Callable[[], torch.Tensor],
+    teacher_logits: Callable[[], torch.Tensor],
+    keep: torch.Tensor,
+    temperature: float,
+    dtype: torch.dtype,
+    objective: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log q, log p)`` of one chunk, as :func:`~kd_lightning.functional.token.token_log_probs`.
+
+    The raw chunk logits come from zero-argument callables, called one after the other (under
+    the caller's autocast, like the models' own output layers), so that at most three chunk
+    buffers are alive here: the scaled copies are dropped as soon as their log-softmax exists.
+    ``objective`` is already resolved by ``effective_objective`` (JSD ends are the KLs).
+    """
+    teacher = teacher_logits()
+    with full_precision(teacher):
+        teacher = scaled_rows(teacher, keep, temperature, dtype)
+        outside = teacher == -math.inf if objective == "reverse_kl" else None
+        log_p = F.log_softmax(teacher, dim=-1)
+    del teacher
+    student = student_logits()
+    with full_precision(student):
+        student = scaled_rows(student, keep, temperature, dtype)
+        if outside is not None:
+            student.masked_fill_(outside, -math.inf)  # a fresh buffer (scaled_rows' output)
+        log_q = F.log_softmax(student, dim=-1)
+    return log_q, log_p
+
+
 def divergence_rows_and_grad(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
+    log_q: torch.Tensor,
+    log_p: torch.Tensor,
     objective: str,
     beta: float,
     need_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row divergence ``(c,)`` and its gradient ``(c, V)`` w.r.t. the scaled student logits.
 
-    Inputs are temperature-scaled logits of one chunk in the compute dtype; ``teacher`` may hold
-    ``-inf``. The gradient is ``None`` when ``need_grad`` is False.
+    Takes one chunk's log-probabilities from :func:`chunk_log_probs` and consumes ``log_q``
+    (it is overwritten). The gradient is ``None`` when ``need_grad`` is False.
     """
-    if objective == "jsd" and beta == 0.0:
-        objective = "forward_kl"
-    elif objective == "jsd" and beta == 1.0:
-        objective = "reverse_kl"
-    log_p = F.log_softmax(teacher, dim=-1)
-    p = log_p.exp()
+    objective = effective_objective(objective, beta)
+    # In-place updates reuse the chunk's buffers: they set the peak memory of the
+    # memory-bounded forms. No autograd runs here.
     if objective == "reverse_kl":
-        support = teacher > -math.inf
-        log_q = F.log_softmax(student.masked_fill(~support, -math.inf), dim=-1)
-        q = log_q.exp()
-        gap = torch.where(support, log_q - log_p, 0.0)
+        gap = (log_q - log_p).masked_fill_(log_p == -math.inf, 0.0)
+        q = log_q.exp_()
         rows = (q * gap).sum(dim=-1)
-        return rows, (q * (gap - rows.unsqueeze(-1)) if need_grad else None)
-    log_q = F.log_softmax(student, dim=-1)
-    q = log_q.exp()
+        return rows, (gap.sub_(rows.unsqueeze(-1)).mul_(q) if need_grad else None)
+    p = log_p.exp()
     if objective == "forward_kl":
-        rows = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim=-1)
-        return rows, (q.sub_(p) if need_grad else None)
+        rows = (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
+        return rows, (log_q.exp_().sub_(p) if need_grad else None)
     if objective == "jsd":
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        student_gap = log_q - log_m
-        teacher_term = (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(dim=-1)
-        rows = beta * teacher_term + (1.0 - beta) * (q * student_gap).sum(dim=-1)
-        direction = student_gap.mul_(1.0 - beta)
+        teacher_term = (log_p - log_m).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
+        del p
+        q = log_q.exp()
+        direction = log_q.sub_(log_m)  # log(q / m)
+        rows = beta * teacher_term + (1.0 - beta) * (q * direction).sum(dim=-1)
+        direction.mul_(1.0 - beta)
     elif objective == "total_variation":
-        difference = q - p
-        rows = 0.5 * difference.abs().sum(dim=-1)
-        direction = difference.sign_().mul_(0.5)
+        q = log_q.exp_()
+        direction = q - p
+        rows = 0.5 * direction.abs().sum(dim=-1)
+        direction.sign_().mul_(0.5)
     else:
         raise ValueError(
-            f"objective must be one of ('forward_kl', 'reverse_kl', 'jsd', "
-            f"'total_variation'), got {objective!r}."
+            "objective must be one of ('forward_kl', 'reverse_kl', 'jsd', 'total_variation'), "
+            f"got {objective!r}."
         )
     if not need_grad:
         return rows, None
@@ -123,9 +156,15 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
         for start, stop in _row_spans(student.shape[0], chunk):
             w = weights[start:stop]
             keep = (w > 0).unsqueeze(-1)
-            s = scaled_rows(student[start:stop], keep, temperature, dtype)
-            t = scaled_rows(teacher[start:stop], keep, temperature, dtype)
-            rows, _ = divergence_rows_and_grad(s, t, objective, beta, need_grad=False)
+            log_q, log_p = chunk_log_probs(
+                partial(student.narrow, 0, start, stop - start),
+                partial(teacher.narrow, 0, start, stop - start),
+                keep,
+                temperature,
+                dtype,
+                objective,
+            )
+            rows, _ = divergence_rows_and_grad(log_q, log_p, objective, beta, need_grad=False)
             total += (rows * w).sum()
         ctx.save_for_backward(student, teacher, weights)
         ctx.options = (objective, beta, temperature, scale, chunk)
@@ -143,9 +182,15 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
             for start, stop in _row_spans(student.shape[0], chunk):
                 w = weights[start:stop]
                 keep = (w > 0).unsqueeze(-1)
-                s = scaled_rows(student[start:stop], keep, temperature, dtype)
-                t = scaled_rows(teacher[start:stop], keep, temperature, dtype)
-                _, row_grad = divergence_rows_and_grad(s, t, objective, beta)
+                log_q, log_p = chunk_log_probs(
+                    partial(student.narrow, 0, start, stop - start),
+                    partial(teacher.narrow, 0, start, stop - start),
+                    keep,
+                    temperature,
+                    dtype,
+                    objective,
+                )
+                _, row_grad = divergence_rows_and_grad(log_q, log_p, objective, beta)
                 grad[start:stop] = row_grad.mul_((w * factor).unsqueeze(-1))
         return grad, None, None, None, None, None, None, None
 
@@ -194,16 +239,22 @@ class _FusedLinearTokenDivergence(torch.autograd.Function):
             w = weights[start:stop]
             keep = (w > 0).unsqueeze(-1)
             h = torch.where(keep, hidden[start:stop], 0)
-            # The output layers run under the caller's autocast, like the models' own heads.
-            s = F.linear(h, weight, bias)
+            teacher_chunk = teacher.narrow(0, start, stop - start)
             if teacher_weight is None:
-                t = teacher[start:stop]
+                teacher_logits = partial(teacher_chunk.view_as, teacher_chunk)
             else:
-                t = F.linear(teacher[start:stop], teacher_weight, teacher_bias)
+                teacher_logits = partial(F.linear, teacher_chunk, teacher_weight, teacher_bias)
+            log_q, log_p = chunk_log_probs(
+                partial(F.linear, h, weight, bias),
+                teacher_logits,
+                keep,
+                temperature,
+                dtype,
+                objective,
+            )
             with full_precision(hidden):
-                s = scaled_rows(s, keep, temperature, dtype)
-                t = scaled_rows(t, keep, temperature, dtype)
-                rows, row_grad = divergence_rows_and_grad(s, t, objective, beta, need_grad)
+                rows, row_grad = divergence_rows_and_grad(log_q, log_p, objective, beta, need_grad)
+                del log_q, log_p
                 total += (rows * w).sum()
                 if not need_grad:
                     continue
@@ -261,7 +312,7 @@ def chunked_token_divergence(
     """:func:`~kd_lightning.functional.token.token_divergence`, chunked over tokens.
 
     Same arguments, shapes, value and gradient; ``chunk_size`` is the number of tokens (rows of
-    the flattened ``(N, V)`` logits) per chunk, by default about 4M logits per chunk. Peak extra
+    the flattened ``(N, V)`` logits) per chunk, by default about 8M logits per chunk. Peak extra
     memory: a few ``(chunk_size, V)`` buffers plus the student logits' gradient.
     """
     check_token_options(objective, beta, temperature, reduction)
@@ -283,7 +334,7 @@ def chunked_token_divergence(
             student.reshape(-1, size),
             teacher.reshape(-1, size),
             weights,
-            objective,
+            effective_objective(objective, beta),
             float(beta),
             float(temperature),
             scale,
@@ -331,7 +382,7 @@ def fused_linear_token_divergence(
         teacher_weight: the teacher's output-layer weight ``(V_t, H_t)``, if ``teacher`` holds
             hidden states.
         teacher_bias: the teacher's output-layer bias ``(V_t,)``, if any.
-        chunk_size: tokens per chunk; by default about 4M logits per chunk.
+        chunk_size: tokens per chunk; by default about 8M logits per chunk.
 
     Returns:
         scalar in float32 (float64 for float64 inputs). Peak extra memory: a few
@@ -381,7 +432,7 @@ def fused_linear_token_divergence(
         teacher_weight,
         teacher_bias,
         weights,
-        objective,
+        effective_objective(objective, beta),
         float(beta),
         float(temperature),
         scale,
