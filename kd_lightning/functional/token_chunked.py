@@ -52,16 +52,24 @@ from kd_lightning.functional.token import (
     token_weights,
 )
 
-CHUNK_ELEMENTS = 1 << 23
-"""Default chunk: about 8M logits (32 MiB in float32) per chunk, at least one row.
-
-Smaller chunks lower the peak memory; larger ones use the output-layer products better (each
-chunk reads the whole weight once)."""
+MAX_CHUNKS = 16
+MIN_CHUNK_ELEMENTS = 1 << 23
+MAX_CHUNK_ELEMENTS = 1 << 26
 
 
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that a chunk holds about :data:`CHUNK_ELEMENTS` logits."""
-    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+def default_chunk_rows(tokens: int, vocab: int) -> int:
+    """Tokens per chunk by default: ``ceil(N / 16)``, kept between 8M and 64M logits per chunk.
+
+    Each chunk reads the whole output weight (and, fused, updates its whole gradient) once, so
+    few chunks keep the step close to the naive one's time; a chunk of N/16 tokens keeps the
+    chunk buffers at a few percent of the naive form's ``(N, V)`` buffers. The bounds keep tiny
+    batches from using needlessly small chunks (at least 32 MiB of float32 logits) and huge ones
+    from using huge chunks (at most 256 MiB).
+    """
+    vocab = max(1, vocab)
+    rows = -(-tokens // MAX_CHUNKS)
+    rows = max(rows, MIN_CHUNK_ELEMENTS // vocab)
+    return max(1, min(rows, MAX_CHUNK_ELEMENTS // vocab))
 
 
 def chunk_log_probs(
@@ -312,7 +320,7 @@ def chunked_token_divergence(
     """:func:`~kd_lightning.functional.token.token_divergence`, chunked over tokens.
 
     Same arguments, shapes, value and gradient; ``chunk_size`` is the number of tokens (rows of
-    the flattened ``(N, V)`` logits) per chunk, by default about 8M logits per chunk. Peak extra
+    the flattened ``(N, V)`` logits) per chunk, by default :func:`default_chunk_rows`. Peak extra
     memory: a few ``(chunk_size, V)`` buffers plus the student logits' gradient.
     """
     check_token_options(objective, beta, temperature, reduction)
@@ -327,7 +335,7 @@ def chunked_token_divergence(
     weights = _flat_weights(
         student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
     )
-    chunk = _check_chunk(chunk_size, size)
+    chunk = _check_chunk(chunk_size, weights.numel(), size)
     scale = temperature**2 if scale_by_t2 else 1.0
     with full_precision(student):
         return _ChunkedTokenDivergence.apply(
@@ -382,7 +390,7 @@ def fused_linear_token_divergence(
         teacher_weight: the teacher's output-layer weight ``(V_t, H_t)``, if ``teacher`` holds
             hidden states.
         teacher_bias: the teacher's output-layer bias ``(V_t,)``, if any.
-        chunk_size: tokens per chunk; by default about 8M logits per chunk.
+        chunk_size: tokens per chunk; by default :func:`default_chunk_rows`.
 
     Returns:
         scalar in float32 (float64 for float64 inputs). Peak extra memory: a few
@@ -422,7 +430,7 @@ def fused_linear_token_divergence(
         student_hidden.device,
         dtype,
     )
-    chunk = _check_chunk(chunk_size, size)
+    chunk = _check_chunk(chunk_size, weights.numel(), size)
     scale = temperature**2 if scale_by_t2 else 1.0
     return _FusedLinearTokenDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
@@ -440,9 +448,9 @@ def fused_linear_token_divergence(
     )
 
 
-def _check_chunk(chunk_size: int | None, vocab: int) -> int:
+def _check_chunk(chunk_size: int | None, tokens: int, vocab: int) -> int:
     if chunk_size is None:
-        return default_chunk_rows(vocab)
+        return default_chunk_rows(tokens, vocab)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}."

@@ -264,8 +264,8 @@ class FusedLinearTokenDistillationLoss(TokenDistillationLoss):
     ``(V, H)``. ``teacher`` are the teacher's logits, or its final hidden states when
     ``teacher_weight`` (``(V_t, H_t)``) is given (then the teacher's logits never exist either).
 
-    Args: as :class:`TokenDistillationLoss`; ``chunk_size`` (tokens per chunk) defaults to about
-    4M logits per chunk.
+    Args: as :class:`TokenDistillationLoss`; ``chunk_size`` (tokens per chunk) defaults to
+    ``ceil(N / 16)`` tokens, kept between 8M and 64M logits per chunk.
     """
 
     def forward(

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 from kd_lightning.functional.token import token_divergence
 from kd_lightning.functional.token_chunked import (
     chunked_token_divergence,
+    default_chunk_rows,
     fused_linear_token_divergence,
 )
 from kd_lightning.losses.token import FusedLinearTokenDistillationLoss, TokenDistillationLoss
@@ -310,3 +311,11 @@ def test_fused_under_bf16_autocast_is_float32_and_close():
     assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
     assert hidden.grad.dtype == torch.bfloat16 and torch.isfinite(hidden.grad.float()).all()
     assert data["weight"].grad.dtype == torch.float32
+
+
+def test_default_chunk_is_a_sixteenth_of_the_tokens_within_bounds():
+    # ceil(4096 / 16) = 256 rows of 128000 logits: between 2**23 // 128000 = 65 and 2**26 // 128000 = 524.
+    assert default_chunk_rows(4096, 128_000) == 256
+    assert default_chunk_rows(100_000, 128_000) == 524  # at most 64M logits per chunk
+    assert default_chunk_rows(1024, 128_000) == 65  # at least 8M logits per chunk
+    assert default_chunk_rows(64, 40) >= 64  # tiny problems: one chunk
