@@ -73,8 +73,8 @@ def default_chunk_rows(tokens: int, vocab: int) -> int:
 
 
 def chunk_log_probs(
-    student_logits: Callable[[], torch.Tensor],
-    teacher_logits: Callable[[], torch.Tensor],
+    student_logits: torch.Tensor | Callable[[], torch.Tensor],
+    teacher_logits: torch.Tensor | Callable[[], torch.Tensor],
     keep: torch.Tensor,
     temperature: float,
     dtype: torch.dtype,
@@ -82,18 +82,19 @@ def chunk_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log q, log p)`` of one chunk, as :func:`~kd_lightning.functional.token.token_log_probs`.
 
-    The raw chunk logits come from zero-argument callables, called one after the other (under
-    the caller's autocast, like the models' own output layers), so that at most three chunk
-    buffers are alive here: the scaled copies are dropped as soon as their log-softmax exists.
+    The raw chunk logits are tensors (slices of existing logits) or zero-argument callables that
+    compute them (an output layer), called one after the other under the caller's autocast, like
+    the models' own output layers; at most three chunk buffers are alive here: each scaled copy
+    is dropped as soon as its log-softmax exists.
     ``objective`` is already resolved by ``effective_objective`` (JSD ends are the KLs).
     """
-    teacher = teacher_logits()
+    teacher = teacher_logits() if callable(teacher_logits) else teacher_logits
     with full_precision(teacher):
         teacher = scaled_rows(teacher, keep, temperature, dtype)
         outside = teacher == -math.inf if objective == "reverse_kl" else None
         log_p = F.log_softmax(teacher, dim=-1)
     del teacher
-    student = student_logits()
+    student = student_logits() if callable(student_logits) else student_logits
     with full_precision(student):
         student = scaled_rows(student, keep, temperature, dtype)
         if outside is not None:
@@ -165,8 +166,8 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
             w = weights[start:stop]
             keep = (w > 0).unsqueeze(-1)
             log_q, log_p = chunk_log_probs(
-                partial(student.narrow, 0, start, stop - start),
-                partial(teacher.narrow, 0, start, stop - start),
+                student[start:stop],
+                teacher[start:stop],
                 keep,
                 temperature,
                 dtype,
@@ -191,8 +192,8 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
                 w = weights[start:stop]
                 keep = (w > 0).unsqueeze(-1)
                 log_q, log_p = chunk_log_probs(
-                    partial(student.narrow, 0, start, stop - start),
-                    partial(teacher.narrow, 0, start, stop - start),
+                    student[start:stop],
+                    teacher[start:stop],
                     keep,
                     temperature,
                     dtype,
@@ -247,11 +248,9 @@ class _FusedLinearTokenDivergence(torch.autograd.Function):
             w = weights[start:stop]
             keep = (w > 0).unsqueeze(-1)
             h = torch.where(keep, hidden[start:stop], 0)
-            teacher_chunk = teacher.narrow(0, start, stop - start)
-            if teacher_weight is None:
-                teacher_logits = partial(teacher_chunk.view_as, teacher_chunk)
-            else:
-                teacher_logits = partial(F.linear, teacher_chunk, teacher_weight, teacher_bias)
+            teacher_logits = teacher[start:stop]
+            if teacher_weight is not None:  # hidden states: the teacher's chunk logits
+                teacher_logits = partial(F.linear, teacher_logits, teacher_weight, teacher_bias)
             log_q, log_p = chunk_log_probs(
                 partial(F.linear, h, weight, bias),
                 teacher_logits,
