@@ -95,19 +95,34 @@ def student_state_dict(
     return picked
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+def load_state_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    compression: dict[str, Any] | None = None,
+    module_path: str = "",
+) -> nn.Module:
     """Load ``state`` into ``model`` strictly, installing pruning/fake-quant first when needed.
+
+    Args:
+        model: the architecture (a float model; pruning masks and QAT modules are installed).
+        state: the weights.
+        source: how errors name where the weights come from.
+        compression: the checkpoint's compression record (see
+            :func:`kd_lightning.compression.loading.compression_record`).
+        module_path: where ``model`` sat in the checkpointed module (``"student"``).
+
+    Returns:
+        The loaded model (a new object when QAT replaced it).
 
     Raises:
         ValueError: the weights do not fit the architecture; the message lists a few
             missing/unexpected keys and shape clashes instead of torch's raw dump.
     """
-    if any(k.endswith("_mask") and f"{k[: -len('_mask')]}_orig" in state for k in state):
-        from kd_lightning.compression.pruning import load_pruned_state_dict
+    from kd_lightning.compression.loading import load_compressed_state_dict, prepare_for_state_dict
 
-        load_pruned_state_dict(model, state)  # installs the masks, then loads
-        return model
-    own = model.state_dict()
+    prepared = prepare_for_state_dict(model, state, compression, module_path=module_path)
+    own = prepared.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     clashes = [
@@ -127,8 +142,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
             f"the weights in {source} do not fit a {type(model).__name__} ({'; '.join(parts)}): "
             "build the model with the architecture and arguments that were trained"
         )
-    model.load_state_dict(state)
-    return model
+    return load_compressed_state_dict(prepared, state, compression, module_path=module_path)
 
 
 def load_student(checkpoint_path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -156,4 +170,9 @@ def load_student(checkpoint_path: str | Path, model: nn.Module | None = None) ->
         model = instantiate(spec)
     prefix = record.get("student_prefix", STUDENT_PREFIX)
     state = student_state_dict(checkpoint, prefix, checkpoint_path)
-    return load_state_into(model, state, repr(str(checkpoint_path))).eval()
+    from kd_lightning.compression.loading import compression_record
+
+    return load_state_into(
+        model, state, repr(str(checkpoint_path)), compression_record(checkpoint),
+        module_path=prefix.rstrip("."),
+    ).eval()  # fmt: skip

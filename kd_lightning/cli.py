@@ -1,26 +1,69 @@
 """The console entry point ``kd-lightning`` (also ``python -m kd_lightning``).
 
 ``kd-lightning fit|validate|test|predict -c experiments/<data>/<method>.yaml`` is LightningCLI
-over every :class:`~kd_lightning.methods.DistillationModule` and
-:class:`~kd_lightning.data.TransferSetDataModule`. ``kd-lightning study <study.yaml>`` runs a
-research study (configs x seeds -> results table), see :mod:`kd_lightning.bench.study`.
+over every :class:`~kd_lightning.methods.DistillationModule` (by ``class_path``) and any
+``LightningDataModule``; ``num_classes`` goes from the data to every model that takes it.
+``kd-lightning study`` runs a research study (:mod:`kd_lightning.bench.study`) and
+``kd-lightning export`` writes a checkpoint's student as one ONNX file
+(:mod:`kd_lightning.export_command`).
+
+What this CLI adds to LightningCLI:
+
+* ``validate``/``test``/``predict`` evaluate trained weights: without ``--ckpt_path`` they refuse
+  (``--untrained`` evaluates fresh weights on purpose), and a checkpoint written by another
+  method or student than the config's is refused with both names (Lightning would otherwise
+  rebuild the checkpoint's model and report it as the config's).
+* ``predict`` writes ``predictions.csv`` (``index,pred,prob_0..``; see
+  :class:`~kd_lightning.callbacks.prediction_writer.PredictionWriter`), configurable as
+  ``--predictions.path`` / ``--predictions.overwrite``.
+* Every checkpoint records the shape of one input sample (``kd_lightning_input``), so
+  ``export`` can build an example input without the data.
+* Errors are printed first and alone, noise is filtered: see :mod:`kd_lightning.cli_errors`.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+import torch
+from jsonargparse import ActionYesNo, Namespace
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from kd_lightning.data import TransferSetDataModule
+from kd_lightning.callbacks.prediction_writer import PredictionWriter
+from kd_lightning.cli_errors import (
+    CLIError,
+    quiet_evaluation_noise,
+    quiet_first_run_checkpoint_dir,
+    quiet_known_noise,
+    run_with_clean_errors,
+)
 from kd_lightning.methods import DistillationModule
+from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
 from kd_lightning.models.spec import _import_class, instantiate
 
+PROG = "kd-lightning"
+SUBCOMMANDS = {
+    "fit": "train a method: fit -c experiments/<data>/<method>.yaml",
+    "validate": "evaluate a checkpoint (--ckpt_path) on the validation set",
+    "test": "evaluate a checkpoint (--ckpt_path) on the test set",
+    "predict": "write a checkpoint's probabilities and classes to predictions.csv",
+    "study": "run configs x seeds, all checked before training, into a results table",
+    "export": "write a checkpoint's student as one ONNX file (or a .pt2 program)",
+}
+EVALUATING = ("validate", "test", "predict")
+CKPT_KEYWORDS = ("best", "last", "hpc", "registry")  # Lightning resolves these itself
+INPUT_KEY = "kd_lightning_input"
+"""Checkpoint key of :class:`RecordInputShape`: ``{"shape": [per-sample dims], "dtype": str}``."""
 
+
+# --------------------------------------------------------------------------- num_classes link
 def _accepts_num_classes(class_path: str) -> bool:
     try:
         cls = _import_class(class_path)
@@ -49,61 +92,254 @@ def link_num_classes(node: Any, num_classes: int) -> None:
             link_num_classes(item, num_classes)
 
 
-class KDLightningCLI(LightningCLI):
-    """LightningCLI for distillation: any method, any transfer set, ``num_classes`` from the data."""
+# --------------------------------------------------------------------------- checkpoints
+def _canonical(class_path: str | None) -> str | None:
+    """``module.QualName`` where the class is defined (what checkpoints record), else as given."""
+    if not class_path:
+        return None
+    try:
+        cls = _import_class(class_path)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        data_config = config.get("data")
-        if data_config is None or config.get("model") is None:
+
+def _student_spec(model: Any) -> dict[str, Any] | None:
+    if not isinstance(model, Namespace) or not model.get("class_path"):
+        return None
+    try:
+        method = _import_class(model["class_path"])
+    except (ImportError, AttributeError, ValueError):
+        return None
+    # The exported student: the first of ``student_args``, or ``student_arg``.
+    student_arg = (getattr(method, "student_args", None) or (None,))[0] or getattr(
+        method, "student_arg", "student"
+    )
+    spec = (model.get("init_args") or Namespace()).get(student_arg)
+    return spec.as_dict() if isinstance(spec, Namespace) else None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, memory-mapped, read with ``weights_only=True`` (naming a file
+    never runs code from it)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise CLIError(
+            f"cannot read --ckpt_path {str(path)!r} as a checkpoint ({type(err).__name__}: "
+            f"{first_line}); pass a .ckpt written by fit."
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise CLIError(f"--ckpt_path {str(path)!r} is not a Lightning checkpoint (no dict).")
+    return checkpoint
+
+
+def check_evaluated_checkpoint(config: Namespace) -> dict[str, Any] | None:
+    """Refuse ``validate``/``test``/``predict`` runs that would evaluate the wrong weights.
+
+    Returns:
+        The checkpoint that will be evaluated (``None`` when there is no file to read).
+
+    Raises:
+        CLIError: no ``--ckpt_path`` (and neither ``--untrained`` nor a ``FromCheckpoint``
+            student), a checkpoint file that does not exist, or one written by another method
+            or student class than the config's.
+    """
+    subcommand = config.get("subcommand")
+    if subcommand not in EVALUATING:
+        return None
+    settings = config[subcommand]
+    ckpt_path, model = settings.get("ckpt_path"), settings.get("model")
+    student = _student_spec(model)
+    if ckpt_path is None:
+        if settings.get("untrained") or is_from_checkpoint_spec(student):
+            return None
+        raise CLIError(
+            f"{subcommand} needs trained weights: pass --ckpt_path <the checkpoint fit wrote for "
+            f"this config>. Without it {subcommand} evaluates freshly initialised weights; add "
+            "--untrained to do that on purpose (a chance-level baseline)."
+        )
+    if str(ckpt_path) in CKPT_KEYWORDS:
+        return None
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CLIError(f"--ckpt_path {str(path)!r} does not exist; pass a .ckpt written by fit.")
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get("kd_lightning")
+    if not isinstance(record, dict):  # not written by kd_lightning: nothing recorded to compare
+        return checkpoint
+    config_method = _canonical(model.get("class_path") if isinstance(model, Namespace) else None)
+    saved_method = _canonical(record.get("method"))
+    saved_spec = record.get("student_spec")
+    saved_student = (
+        _canonical(saved_spec.get("class_path")) if isinstance(saved_spec, dict) else None
+    )
+    config_student = None
+    if student is not None and not is_from_checkpoint_spec(student):
+        config_student = _canonical(student.get("class_path"))
+    method_differs = saved_method and config_method and saved_method != config_method
+    student_differs = saved_student and config_student and saved_student != config_student
+    if method_differs or student_differs:
+        raise CLIError(
+            f"--ckpt_path {str(path)!r} was written by {saved_method} (student "
+            f"{saved_student}), but the config's model is {config_method} (student "
+            f"{config_student}): {subcommand} would report that checkpoint's model as this "
+            "config's. Pass the checkpoint this config's fit wrote, or the config that wrote "
+            f"{path.name}."
+        )
+    return checkpoint
+
+
+class RecordInputShape(Callback):
+    """Store the shape and dtype of one input sample in every checkpoint (``kd_lightning_input``).
+
+    ``kd-lightning export`` builds its example input from it when no shape is given. Dict
+    inputs (``model(**input)``) are not recorded.
+    """
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] | None = None
+
+    def _see(self, batch: Any) -> None:
+        if self.record is not None:
             return
-        # A datamodule knows num_classes at construction and reads no data there: cheap to build.
-        datamodule = instantiate(data_config.as_dict())
-        num_classes = getattr(datamodule, "num_classes", None)
-        if num_classes is not None:
-            link_num_classes(config["model"], num_classes)
+        if isinstance(batch, dict):
+            inputs = batch.get("input")
+        else:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+        if isinstance(inputs, torch.Tensor) and inputs.ndim >= 1:
+            dtype = str(inputs.dtype).removeprefix("torch.")
+            self.record = {"shape": list(inputs.shape[1:]), "dtype": dtype}
 
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        record_config_specs(self)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._see(batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._see(batch)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.record is not None:
+            checkpoint[INPUT_KEY] = dict(self.record)
 
 
-def _config_specs(init_args: Any) -> dict[str, Any]:
-    """``{argument: spec}`` of every class-valued model argument in a parsed config."""
+def _config_specs(init_args: Namespace) -> dict[str, Any]:
+    """``{argument: spec}`` of every class-valued module argument in a parsed model config."""
     specs: dict[str, Any] = {}
     for name, value in vars(init_args).items():
-        if name in ("optimizer", "lr_scheduler"):  # callables, rebuilt by the method's default
+        if name in ("optimizer", "lr_scheduler"):  # callables: the method's default rebuilds
             continue
-        plain = value.as_dict() if isinstance(value, Namespace) else value
-        if isinstance(plain, dict) and "class_path" in plain:
-            specs[name] = plain
+        if isinstance(value, Namespace) and value.get("class_path"):
+            specs[name] = value.as_dict()
         elif isinstance(value, list) and value and all(
-            isinstance(v, Namespace) and "class_path" in v for v in value
+            isinstance(v, Namespace) and v.get("class_path") for v in value
         ):
             specs[name] = [v.as_dict() for v in value]
     return specs
 
 
 def record_config_specs(cli: LightningCLI) -> None:
-    """Give the method the specs of its module arguments from the parsed config."""
+    """Give the method the specs of its module arguments, so checkpoints can rebuild them."""
     config = cli.config[cli.subcommand] if cli.subcommand else cli.config
-    model_config = config.get("model")
-    init_args = model_config.get("init_args") if isinstance(model_config, Namespace) else None
-    if init_args is not None and hasattr(cli.model, "record_model_specs"):
+    model = config.get("model")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    if isinstance(init_args, Namespace) and hasattr(cli.model, "record_model_specs"):
         cli.model.record_model_specs(_config_specs(init_args))
 
 
+# --------------------------------------------------------------------------- the CLI
+class KDLightningCLI(LightningCLI):
+    """LightningCLI for distillation: any method, any data module, ``num_classes`` from the data."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_argument(
+            "--untrained",
+            action=ActionYesNo,
+            default=False,
+            help="validate/test/predict without --ckpt_path: evaluate freshly initialised "
+            "weights on purpose (a chance-level baseline).",
+        )
+
+    def parse_arguments(self, parser, args) -> None:
+        # main() always passes the arguments explicitly (from sys.argv or from a caller), so
+        # Lightning's warning about args given while sys.argv is set would fire on every call.
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
+        # Before Lightning replaces the model config with the checkpoint's hyperparameters.
+        self._evaluated = check_evaluated_checkpoint(self.config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Merge the evaluated checkpoint's hyperparameters into the model config.
+
+        Lightning does this itself for checkpoints written through LightningCLI (they record
+        ``_class_path``). For one written from Python it puts the init args at the model's top
+        level, which subclass mode rejects ("Option 'model.init_args.num_classes' is not
+        accepted"); here they become the init args of the config's method, whose class
+        :func:`check_evaluated_checkpoint` compared with the checkpoint's.
+        """
+        checkpoint, self._evaluated = getattr(self, "_evaluated", None), None
+        hparams = dict(checkpoint.get("hyper_parameters") or {}) if checkpoint else {}
+        hparams.pop("_instantiator", None)
+        if not hparams or "_class_path" in hparams:
+            super()._parse_ckpt_path()
+            return
+        subcommand = self.config.subcommand
+        model = {"class_path": self.config[subcommand].model.class_path, "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data_config = config.get("data")
+        if data_config is None or config.get("model") is None:
+            return
+        # A datamodule reads no data in __init__ (Lightning's convention): cheap to build twice.
+        try:
+            datamodule = instantiate(data_config.as_dict())
+        except (ValueError, TypeError, LookupError, OSError, ImportError) as err:
+            raise CLIError(
+                f"cannot build the data ({data_config.get('class_path')}): {err}"
+            ) from err
+        num_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(num_classes, int):
+            link_num_classes(config["model"], num_classes)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        record_config_specs(self)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.insert(0, RecordInputShape())
+        return trainer
+
+    def before_fit(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                quiet_first_run_checkpoint_dir(callback.dirpath)
+
+    def before_validate(self) -> None:
+        quiet_evaluation_noise()
+
+    before_test = before_predict = before_validate
+
+
 def build_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> KDLightningCLI:
-    """The CLI over every method and transfer set (``run=False``: parse and instantiate only)."""
+    """The CLI over every method and data module (``run=False``: parse and instantiate only)."""
+    quiet_known_noise()
     if not run:
         kwargs.setdefault("save_config_callback", None)
-        # Called from Python (a study, a test): the process's own argv is not for this CLI.
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+    # Errors reach main(), which prints the library's sentence first (never argparse's exit).
+    no_exit = {"exit_on_error": False}
+    kwargs.setdefault(
+        "parser_kwargs", {**no_exit, **{name: no_exit for name in EVALUATING}, "fit": no_exit}
+    )
     return KDLightningCLI(
         DistillationModule,
-        TransferSetDataModule,
+        None,  # any LightningDataModule, by class_path
         subclass_mode_model=True,
-        subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=list(args),
@@ -112,20 +348,47 @@ def build_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> KDLightni
     )
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Run the CLI: ``study`` goes to the study runner, everything else to LightningCLI."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "study":
-        from kd_lightning.bench.study import main as study_main
+def help_parser() -> argparse.ArgumentParser:
+    """The top-level ``--help``: every subcommand with one line."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=16, width=100),
+        description="Knowledge distillation on PyTorch Lightning.",
+        epilog=f"{PROG} <subcommand> --help lists a subcommand's options. Errors print one "
+        "line; --traceback (or KD_LIGHTNING_TRACEBACK=1) shows the full traceback.",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show an error's traceback")
+    commands = parser.add_subparsers(title="subcommands", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, text in SUBCOMMANDS.items():
+        commands.add_parser(name, help=text)
+    return parser
 
-        study_main(argv[1:])
+
+def _dispatch(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        help_parser().print_help(file=sys.stdout if argv else sys.stderr)
+        if not argv:
+            raise SystemExit(2)
         return
-    if argv and argv[0] == "export":
+    if argv[0] == "export":
         from kd_lightning.export_command import main as export_main
 
         export_main(argv[1:])
         return
     build_cli(argv)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run ``kd-lightning``: ``study`` and ``export`` go to their own parsers, the rest to
+    LightningCLI. An error of the user's making prints one line and exits with status 2."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "study":
+        from kd_lightning.bench.study import main as study_main
+
+        # The study reads --traceback itself: pass it through.
+        run_with_clean_errors(f"{PROG} study", lambda rest: study_main(rest[1:]), argv, strip=False)
+        return
+    run_with_clean_errors(PROG, _dispatch, argv)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,25 @@ pruning masks are baked in), exported with a dynamic batch axis, then loaded bac
 Runtime for ``.onnx``, ``torch.export.load`` for ``.pt2``) and compared with the rebuilt
 student on two batch sizes: the largest absolute difference is printed, and above ``--atol``
 the command fails. See :mod:`kd_lightning.compression.export`.
+
+The example input comes from ``--example-shape``, else ``--config``'s data module, else the
+input shape the checkpoint recorded in training (``kd_lightning_input``, written by every
+``kd-lightning fit``), else an MLP's ``in_features``.
+
+Nothing is lost: the output may not be (or resolve to) the checkpoint or the config; an
+existing output is replaced only with ``--overwrite``; the export is written and checked in a
+folder beside the output and moved into place only when the check passes. An ONNX file is
+self-contained; a model over ONNX's 2 GB limit also needs the ``<name>.onnx.data`` file the
+command names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +41,8 @@ import yaml
 from torch import Tensor, nn
 
 FORMATS = {"onnx": ".onnx", "program": ".pt2"}
+INPUT_KEY = "kd_lightning_input"
+"""Checkpoint key of the recorded input sample: ``{"shape": [dims without batch], "dtype"}``."""
 
 
 class ExportCommandError(ValueError):
@@ -73,6 +88,23 @@ def _example_from_config(config: str | Path) -> Tensor:
     return datamodule.example_batch()["input"]
 
 
+def _example_from_checkpoint(checkpoint: str | Path | None) -> Tensor | None:
+    """Two random inputs of the sample shape the checkpoint recorded in training, if any."""
+    if checkpoint is None:
+        return None
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable here: the caller asks for --example-shape instead
+        return None
+    record = (saved.get("kd_lightning") or {}).get("input") or saved.get(INPUT_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("shape"), list):
+        return None
+    dtype = getattr(torch, str(record.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return None  # integer inputs (token ids) need real values, not random ones
+    return torch.rand(2, *[int(s) for s in record["shape"]], dtype=dtype)
+
+
 def _example_from_student(student: nn.Module) -> Tensor | None:
     from kd_lightning.models.spec import model_spec
 
@@ -85,22 +117,46 @@ def example_input(
     student: nn.Module,
     example_shape: Sequence[int] | None = None,
     config: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> Tensor:
     """An input batch for tracing: ``--example-shape``, else ``--config``'s data, else the
-    student's recorded ``in_features`` (MLP)."""
+    sample shape recorded in ``checkpoint``, else the student's ``in_features`` (MLP)."""
     if example_shape:
         if any(int(s) < 1 for s in example_shape):
             raise ExportCommandError(f"--example-shape needs positive sizes, got {example_shape}.")
         return torch.rand(*[int(s) for s in example_shape])
     if config is not None:
         return _example_from_config(config)
-    example = _example_from_student(student)
+    example = _example_from_checkpoint(checkpoint)
+    if example is None:
+        example = _example_from_student(student)
     if example is None:
         raise ExportCommandError(
             f"cannot tell the input shape of {type(student).__name__}: pass --example-shape "
             "(batch first, e.g. 1 1 8 8) or --config <the training YAML> (its data section)."
         )
     return example
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output_path(output: Path, inputs: dict[str, Path | None], overwrite: bool) -> None:
+    """Refuse an output that is (or resolves to) an input, or that exists without ``overwrite``."""
+    for flag, path in inputs.items():
+        if path is not None and _same_file(output, Path(path)):
+            raise ExportCommandError(
+                f"--output {str(output)!r} is the {flag} file {str(path)!r}: the export would "
+                "replace it. Pass another --output (default: the checkpoint path with the "
+                "format's suffix)."
+            )
+    if output.exists() and not overwrite:
+        raise ExportCommandError(
+            f"{str(output)!r} exists; pass --overwrite to replace it, or another --output."
+        )
 
 
 def export_checkpoint(
@@ -111,6 +167,7 @@ def export_checkpoint(
     example_shape: Sequence[int] | None = None,
     config: str | Path | None = None,
     atol: float = 1e-4,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export a checkpoint's student and check the artefact against it.
 
@@ -121,13 +178,17 @@ def export_checkpoint(
         example_shape: example input shape, batch first.
         config: a training YAML whose ``data:`` section gives the example input.
         atol: tolerance of the output-equivalence check.
+        overwrite: replace an existing output (and its data file). Default: refuse.
 
     Returns:
-        ``{"output", "format", "max_abs_diff", "bytes", "example_shape"}``.
+        ``{"output", "files", "format", "max_abs_diff", "bytes", "example_shape"}``;
+        ``files`` lists every file the artefact needs (the output, plus an ONNX data file
+        for a model over 2 GB).
 
     Raises:
-        ExportCommandError: unknown format, missing checkpoint, a student that cannot be
-            rebuilt, an unknown input shape, or outputs that differ by more than ``atol``.
+        ExportCommandError: unknown format, missing checkpoint, an output that aliases an
+            input or exists, a student that cannot be rebuilt, an unknown input shape, or
+            outputs that differ by more than ``atol``.
     """
     from kd_lightning.compression.export import (
         ExportMismatchError,
@@ -138,26 +199,42 @@ def export_checkpoint(
 
     if format not in FORMATS:
         raise ExportCommandError(f"--format must be one of {sorted(FORMATS)}, got {format!r}.")
-    student = rebuild_student(checkpoint)
-    example = example_input(student, example_shape, config)
     output = Path(output) if output is not None else Path(checkpoint).with_suffix(FORMATS[format])
+    inputs = {"checkpoint": Path(checkpoint), "config": Path(config) if config else None}
+    check_output_path(output, inputs, overwrite)
+    student = rebuild_student(checkpoint)
+    example = example_input(student, example_shape, config, checkpoint)
     exporter = export_onnx if format == "onnx" else export_program
-    exporter(student, example, output)
-    # Two batch sizes: the batch axis is exported as dynamic.
-    generator = torch.Generator().manual_seed(0)
-    batches = [
-        example,
-        torch.rand((5, *example.shape[1:]), generator=generator, dtype=example.dtype),
-    ]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Written and checked beside the output; moved into place only once the check passed.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        diff = check_equivalence(student, output, batches, atol=atol)
-    except ExportMismatchError as err:
-        raise ExportCommandError(str(err)) from err
+        exporter(student, example, staging / output.name)
+        # Two batch sizes: the batch axis is exported as dynamic.
+        generator = torch.Generator().manual_seed(0)
+        batches = [
+            example,
+            torch.rand((5, *example.shape[1:]), generator=generator, dtype=example.dtype),
+        ]
+        try:
+            diff = check_equivalence(student, staging / output.name, batches, atol=atol)
+        except ExportMismatchError as err:
+            raise ExportCommandError(str(err)) from err
+        staged = sorted(staging.iterdir(), key=lambda f: f.name == output.name)  # output last
+        for file in staged:
+            check_output_path(output.parent / file.name, inputs, overwrite)
+        files = []
+        for file in staged:
+            os.replace(file, output.parent / file.name)
+            files.append(str(output.parent / file.name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {
         "output": str(output),
+        "files": files[::-1],
         "format": format,
         "max_abs_diff": diff,
-        "bytes": output.stat().st_size,
+        "bytes": sum(Path(f).stat().st_size for f in files),
         "example_shape": list(example.shape),
     }
 
@@ -182,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--atol", type=float, default=1e-4, help="equivalence tolerance (default 1e-4)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (default: refuse)"
+    )
     return parser
 
 
@@ -197,13 +277,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             example_shape=args.example_shape,
             config=args.config,
             atol=args.atol,
+            overwrite=args.overwrite,
         )
     except ExportCommandError as err:
         parser.exit(2, f"kd-lightning export: error: {err}\n")
+    needs = result["files"][1:]
     print(
         f"exported {args.checkpoint} -> {result['output']} ({result['format']}, "
         f"{result['bytes']:,} bytes); max |export - student| = {result['max_abs_diff']:.3g} "
         f"(atol {args.atol:g})"
+        + (f"; keep {', '.join(needs)} beside it (external weights)" if needs else "")
     )
     print(json.dumps(result))
     return result

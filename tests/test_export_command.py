@@ -122,3 +122,94 @@ def test_checkpoint_whose_student_cannot_be_rebuilt(tmp_path, capsys):
 def test_unknown_input_shape_names_the_option(tmp_path, capsys):
     _, path = _trained(tmp_path, SmallCNN(10, width=4), "cnn")
     _expect_error(capsys, ["--checkpoint", str(path)], "pass --example-shape")
+
+
+def test_onnx_file_is_self_contained(tmp_path, capsys):
+    """One file: no external weights (.onnx.data) beside it, runnable from another folder."""
+    module, path = _trained(tmp_path, SmallCNN(10, width=4), "cnn")
+    out_dir = tmp_path / "out"
+    cli_main(
+        [
+            "export",
+            "--checkpoint",
+            str(path),
+            "--output",
+            str(out_dir / "m.onnx"),
+            "--example-shape",
+            "1",
+            "1",
+            "8",
+            "8",
+        ]  # fmt: skip
+    )
+    result = _last_json(capsys)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.onnx"]
+    assert result["files"] == [str(out_dir / "m.onnx")]
+    moved = tmp_path / "elsewhere" / "copy.onnx"
+    moved.parent.mkdir()
+    moved.write_bytes((out_dir / "m.onnx").read_bytes())
+    session = onnxruntime.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 1, 8, 8)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.abs(got - module(x).numpy()).max() <= 1e-4
+
+
+def test_example_shape_from_the_recorded_input(tmp_path, capsys):
+    """A CNN checkpoint written with the CLI's input recorder exports without --example-shape."""
+    from kd_lightning.cli import RecordInputShape
+
+    _, path = _trained(tmp_path, SmallCNN(10, width=4), "cnn", callbacks=[RecordInputShape()])
+    assert torch.load(path, weights_only=True)["kd_lightning_input"] == {
+        "shape": [1, 8, 8],
+        "dtype": "float32",
+    }
+    cli_main(["export", "--checkpoint", str(path)])
+    assert _last_json(capsys)["example_shape"] == [2, 1, 8, 8]
+
+
+def test_output_never_aliases_an_input(tmp_path, capsys):
+    _, path = _trained(tmp_path, MLP(10, hidden_sizes=[8]), "ok")
+    before = path.read_bytes()
+    aliases = [path, tmp_path / "sub" / ".." / path.name]
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.onnx"
+    link.symlink_to(path)
+    for output in [*aliases, link]:
+        _expect_error(
+            capsys,
+            ["--checkpoint", str(path), "--output", str(output), "--overwrite"],
+            "is the checkpoint file",
+        )
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {class_path: kd_lightning.data.DigitsTransferSet}\n")
+    _expect_error(
+        capsys,
+        [
+            "--checkpoint",
+            str(path),
+            "--config",
+            str(config),
+            "--output",
+            str(config),
+            "--overwrite",
+        ],
+        "is the config file",
+    )
+    assert path.read_bytes() == before
+
+
+def test_existing_output_needs_overwrite_and_failures_leave_it_alone(tmp_path, capsys):
+    _, path = _trained(tmp_path, MLP(10, hidden_sizes=[8]), "ok")
+    output = tmp_path / "student.onnx"
+    output.write_bytes(b"an earlier export")
+    _expect_error(capsys, ["--checkpoint", str(path), "--output", str(output)], "pass --overwrite")
+    assert output.read_bytes() == b"an earlier export"
+    # An export that fails its check (atol < 0 cannot hold) never reaches the output.
+    argv = ["--checkpoint", str(path), "--output", str(output), "--overwrite", "--atol", "-1"]
+    _expect_error(capsys, argv, "differs from the eager model")
+    assert output.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.ckpt", "student.onnx"]  # no leftovers
+    cli_main(["export", "--checkpoint", str(path), "--output", str(output), "--overwrite"])
+    assert _last_json(capsys)["max_abs_diff"] <= 1e-4
+    assert output.read_bytes()[:20] != b"an earlier export"[:20]

@@ -1,6 +1,6 @@
 """Callbacks a study attaches to every run: progress, best-validation snapshot, resumable epochs.
 
-They are added by :func:`kd_lightning.bench.study.execute_run` (not by the run's config), so a
+They are added by :func:`kd_lightning.bench.study.run_study` (not by the run's config), so a
 config stays a plain LightningCLI config and its digest does not depend on them.
 """
 
@@ -34,14 +34,15 @@ def format_seconds(seconds: float) -> str:
 class StudyProgress(Callback):
     """One status line per epoch of the current run: which run, epoch, val accuracy, ETAs.
 
-    On a terminal the line is rewritten in place (``\\r``); elsewhere (CI logs, notebooks) it
-    prints only every ``every_n_epochs`` epochs (``0``: never), so logs stay short.
+    On a terminal the line is rewritten in place (``\\r``); elsewhere (batch jobs, CI logs,
+    notebooks) it is printed as a line of its own every ``every_n_epochs`` epochs, so a job's
+    log shows progress while a run trains.
 
     Args:
         prefix: e.g. ``"[3/21] hinton_kd seed=0"``.
         study_eta: seconds of the study left after this run (``nan`` if unknown yet).
         stream: where to write (default ``sys.stdout``).
-        every_n_epochs: epoch lines off a terminal (0: none).
+        every_n_epochs: epoch lines off a terminal (``None``: every epoch; 0: none).
     """
 
     def __init__(
@@ -49,12 +50,14 @@ class StudyProgress(Callback):
         prefix: str,
         study_eta: float = math.nan,
         stream: TextIO | None = None,
-        every_n_epochs: int = 0,
+        every_n_epochs: int | None = None,
     ) -> None:
+        if every_n_epochs is not None and every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0 (0: no lines), got {every_n_epochs}")
         self.prefix = prefix
         self.study_eta = study_eta
         self.stream = stream or sys.stdout
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = 1 if every_n_epochs is None else every_n_epochs
         self._start = time.perf_counter()
         self._first_epoch = 0
         self.lines: list[str] = []
@@ -110,7 +113,8 @@ class BestValSnapshot(Callback):
 
     The study evaluates both the last epoch and this snapshot on the test split, so its table
     can report the last-epoch accuracy next to the "best epoch" accuracy that many papers
-    report. The snapshot is part of the callback's state, so it survives a mid-run resume.
+    report. It also keeps every epoch's value (``history``: the learning curve of the study's
+    plot). Snapshot and history are part of the callback's state, so they survive a resume.
 
     Args:
         monitor: metric to select on (the method's ``monitor``, ``val/acc``).
@@ -125,6 +129,8 @@ class BestValSnapshot(Callback):
         self.best_epoch: int | None = None
         self.last_value: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[tuple[int, float]] = []
+        """``(epoch, value)`` of every validation (epochs 1-based): the run's learning curve."""
 
     @property
     def state_key(self) -> str:
@@ -143,6 +149,7 @@ class BestValSnapshot(Callback):
             return
         value = float(value)
         self.last_value = value
+        self.history.append((trainer.current_epoch + 1, value))
         if self._better(value):  # ties keep the earlier epoch
             self.best_value, self.best_epoch = value, trainer.current_epoch + 1  # 1-based
             student = pl_module.student
@@ -162,6 +169,7 @@ class BestValSnapshot(Callback):
             "best_epoch": self.best_epoch,
             "last_value": self.last_value,
             "best_state": self.best_state,
+            "history": [list(point) for point in self.history],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -169,6 +177,7 @@ class BestValSnapshot(Callback):
         self.best_epoch = state_dict.get("best_epoch")
         self.last_value = state_dict.get("last_value")
         self.best_state = state_dict.get("best_state")
+        self.history = [(int(e), float(v)) for e, v in state_dict.get("history", [])]
 
 
 class ResumableEpochs(Callback):

@@ -153,12 +153,9 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
 
 def _resolve(entry: Any, datamodule: Any) -> tuple[str, nn.Module]:
     """``(name, model)`` from ``(name, path|module)`` or ``(name, path|module, scheme)``."""
-    from kd_lightning.callbacks.quantization import (
-        _is_qat_prepared,
-        load_compressed_student,
-        quantize_student,
-    )
+    from kd_lightning.callbacks.quantization import load_compressed_student, quantize_student
     from kd_lightning.compression import convert_qat
+    from kd_lightning.compression.quantization import is_qat_prepared
 
     if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
         raise ValueError(
@@ -169,7 +166,7 @@ def _resolve(entry: Any, datamodule: Any) -> tuple[str, nn.Module]:
     model = source if isinstance(source, nn.Module) else load_compressed_student(source)
     if len(entry) == 3:
         model = quantize_student(model, entry[2], datamodule=datamodule)
-    elif _is_qat_prepared(model):
+    elif is_qat_prepared(model):
         model = convert_qat(model)  # a QAT checkpoint is deployed as its int8 conversion
     return str(name), model.eval()
 

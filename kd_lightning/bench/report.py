@@ -1,4 +1,4 @@
-"""The study table (Markdown + CSV) and plot (PNG) from per-(run, seed) results.
+"""The study table (Markdown + CSV) and figure (PNG, :mod:`kd_lightning.bench.plots`).
 
 Two accuracies, labelled as such, because they answer different questions:
 
@@ -19,6 +19,9 @@ import csv
 import statistics
 from pathlib import Path
 from typing import Any
+
+from kd_lightning.bench.files import atomic_path, atomic_write_text
+from kd_lightning.bench.plots import QUICK_CHECK_MARK, Curves, plot
 
 RESULTS_MD, RESULTS_CSV, RESULTS_PNG = "results.md", "results.csv", "results.png"
 
@@ -112,8 +115,13 @@ def _signed(value: float | None) -> str:
     return "" if value is None else f"{value:+.2f}"
 
 
-def format_markdown(rows: list[dict[str, Any]], title: str, notes: list[str] | None = None) -> str:
-    """The study table as Markdown, with a legend under it."""
+def format_markdown(
+    rows: list[dict[str, Any]],
+    title: str,
+    notes: list[str] | None = None,
+    quick_check: str | None = None,
+) -> str:
+    """The study table as Markdown, with a legend under it (and a quick-check banner)."""
     with_published = any("published_acc" in r for r in rows)
     header = [
         "run", "method", "job", "labels", "test acc % last epoch", "test acc % best-val epoch",
@@ -123,9 +131,15 @@ def format_markdown(rows: list[dict[str, Any]], title: str, notes: list[str] | N
     if with_published:
         header += ["published %", "ours − published"]
     align = ["---"] * 3 + ["---:"] * (len(header) - 3)
-    lines = [
-        f"## Study: {title}",
-        "",
+    lines = [f"## Study: {title}", ""]
+    if quick_check:
+        lines[0] += f" ({QUICK_CHECK_MARK.lower()})"
+        lines += [
+            f"> **{QUICK_CHECK_MARK}, not the study's result**: {quick_check}. The study's own "
+            "table is written by the same command without `--set` and with the file's seeds.",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(align) + "|",
     ]
@@ -184,10 +198,11 @@ def format_markdown(rows: list[dict[str, Any]], title: str, notes: list[str] | N
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write the rows as CSV (atomically), columns in first-seen order."""
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields or ["run"])
         writer.writeheader()
         writer.writerows(rows)
@@ -216,96 +231,33 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-JOB_COLOURS = {"teacher": "#7f7f7f", "baseline": "#1f77b4", "distill": "#d62728"}
-
-
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Bars per run (last epoch and best-val epoch, ± std) and, when the students differ in
-    size, accuracy against parameter count. Returns the PNG path (None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        return None
-    if not rows:
-        return None
-    sizes = {r["params"] for r in rows if r["job_type"] != "teacher"}
-    panels = 2 if len(sizes) > 1 else 1
-    height = max(2.5, 0.35 * len(rows) + 1.2)
-    fig, axes = plt.subplots(
-        1, panels, figsize=(7.5 * panels, height), squeeze=False, constrained_layout=True
-    )
-    ax = axes[0][0]
-    ys = list(range(len(rows)))[::-1]
-    bar = 0.38
-    colours = [JOB_COLOURS.get(r["job_type"], "#2ca02c") for r in rows]
-    ax.barh(
-        [y + bar / 2 for y in ys],
-        [r["acc_last_mean"] for r in rows],
-        height=bar,
-        xerr=[r["acc_last_std"] for r in rows],
-        color=colours,
-        label="last epoch",
-        capsize=2,
-    )
-    best = [r["acc_best_val_mean"] for r in rows]
-    if any(b is not None for b in best):
-        ax.barh(
-            [y - bar / 2 for y in ys],
-            [b or 0 for b in best],
-            height=bar,
-            xerr=[r["acc_best_val_std"] or 0 for r in rows],
-            color=colours,
-            alpha=0.45,
-            hatch="//",
-            label="best-val epoch",
-            capsize=2,
-        )
-    ax.set_yticks(ys, [r["run"] for r in rows])
-    low = min(r["acc_last_mean"] - r["acc_last_std"] for r in rows)
-    ax.set_xlim(max(0, low - 5), 100 if low > 50 else None)
-    for r in rows:
-        if r["job_type"] == "baseline":
-            ax.axvline(r["acc_last_mean"], color=JOB_COLOURS["baseline"], ls=":", lw=0.8)
-    ax.set_xlabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title(f"{title}: per run (solid: last epoch, hatched: best-val epoch)")
-    if panels == 2:
-        ax2 = axes[0][1]
-        for r in rows:
-            ax2.errorbar(
-                r["params"],
-                r["acc_last_mean"],
-                yerr=r["acc_last_std"],
-                fmt="o",
-                color=JOB_COLOURS.get(r["job_type"], "#2ca02c"),
-                capsize=2,
-            )
-            ax2.annotate(r["run"], (r["params"], r["acc_last_mean"]), fontsize=7, alpha=0.8)
-        ax2.set_xscale("log")
-        ax2.set_xlabel("parameters")
-        ax2.set_ylabel("test accuracy % (last epoch)")
-        ax2.set_title("accuracy vs model size (grey: teacher, blue: alone, red: distilled)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_report(
     rows: list[dict[str, Any]],
     output_dir: Path,
     title: str,
     notes: list[str] | None = None,
     echo: bool = True,
+    curves: Curves | None = None,
+    quick_check: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``results.md``, ``results.csv`` and ``results.png``; print the table."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = format_markdown(rows, title, notes)
+    """Write ``results.md``, ``results.csv`` and ``results.png`` (each atomically); print the table.
+
+    Args:
+        rows: from :func:`summarise`.
+        output_dir: the folder of the three files.
+        title: the study's name.
+        notes: lines under the Markdown table.
+        echo: print the table and the paths.
+        curves: per-seed validation curves for the figure's learning-curve panel.
+        quick_check: how this run differs from the study file (``--set ...``); marks the
+            Markdown title, a ``quick_check`` CSV column and the figure.
+    """
+    markdown = format_markdown(rows, title, notes, quick_check=quick_check)
     paths = {"markdown": output_dir / RESULTS_MD, "csv": output_dir / RESULTS_CSV}
-    paths["markdown"].write_text(markdown)
-    write_csv(rows, paths["csv"])
-    png = plot(rows, output_dir / RESULTS_PNG, title)
+    atomic_write_text(paths["markdown"], markdown)
+    marked = [{**row, "quick_check": quick_check} for row in rows] if quick_check else rows
+    write_csv(marked, paths["csv"])
+    png = plot(rows, output_dir / RESULTS_PNG, title, curves=curves, quick_check=quick_check)
     if png is not None:
         paths["png"] = png
     if echo:

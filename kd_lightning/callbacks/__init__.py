@@ -1,9 +1,11 @@
-"""Lightning callbacks that compress the student while it trains: pruning and quantization."""
+"""Lightning callbacks: compress the student while it trains (pruning, quantization); write
+``predict``'s outputs to a file (:class:`PredictionWriter`)."""
 
+from kd_lightning.callbacks.optimal_brain_damage import OptimalBrainDamage
+from kd_lightning.callbacks.prediction_writer import PredictionWriter
 from kd_lightning.callbacks.pruning import (
     IterativePruning,
     MagnitudePruning,
-    OptimalBrainDamage,
     install_masks,
     install_pruning_for_state_dict,
 )
@@ -19,6 +21,7 @@ __all__ = [
     "IterativePruning",
     "MagnitudePruning",
     "OptimalBrainDamage",
+    "PredictionWriter",
     "QuantizationAwareTraining",
     "install_masks",
     "install_pruning_for_state_dict",

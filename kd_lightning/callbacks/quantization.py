@@ -29,15 +29,29 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from kd_lightning.callbacks.pruning import make_checkpoint_self_contained, student_of
+from kd_lightning.callbacks.student import (
+    STUDENT_ATTRIBUTE,
+    make_checkpoint_self_contained,
+    student_of,
+)
+from kd_lightning.compression.loading import (
+    COMPRESSION_KEY,
+    compression_record,
+    is_qat_state,
+    load_compressed_state_dict,
+    qat_record,
+)
 from kd_lightning.compression.quantization import (
     convert_qat,
+    freeze_observers_in_eval,
+    is_qat_prepared,
     model_size_bytes,
     prepare_qat,
     quantize_dynamic_int8,
     quantize_static_int8,
 )
 from kd_lightning.models.spec import instantiate, model_spec
+from kd_lightning.teachers import CHECKPOINT_KEY, STUDENT_PREFIX, load_student, read_checkpoint
 
 __all__ = [
     "QAT_CHECKPOINT_KEY",
@@ -50,17 +64,14 @@ __all__ = [
 ]
 
 QAT_CHECKPOINT_KEY = "kd_lightning_qat"
-"""Checkpoint key recording that the student was fake-quantized (and how to rebuild it)."""
+"""Top-level checkpoint key of the QAT record of earlier versions (with the float spec).
+
+The record itself lives in ``checkpoint["kd_lightning"]["compression"]``."""
 
 QUANTIZED_FILE_KEY = "kd_lightning_quantized"
 """Top-level key of an int8 student file written by :func:`save_quantized`."""
 
 SCHEMES = ("dynamic", "static", "qat")
-
-
-def _is_qat_prepared(model: nn.Module) -> bool:
-    """Whether the model carries fake-quantize modules (``prepare_qat`` output)."""
-    return any("FakeQuantize" in type(m).__name__ for m in model.modules())
 
 
 def _example_from(trainer: L.Trainer | None, example_shape: list[int] | None) -> Tensor:
@@ -83,7 +94,9 @@ class QuantizationAwareTraining(Callback):
 
     The student is replaced by its ``prepare_qat`` version in ``setup`` (before the optimizer
     is built, so the optimizer trains the fake-quantized weights; BatchNorm is folded into the
-    preceding convolution). Checkpoints hold the fake-quantized student and resume as such;
+    preceding convolution). The observers move the int8 ranges in training steps only:
+    validation, test, predict and every other eval-mode forward leave the student as it is
+    (:func:`~kd_lightning.compression.freeze_observers_in_eval`). Checkpoints hold the fake-quantized student and resume as such;
     :func:`load_compressed_student` rebuilds it. Start from a trained float student (e.g. a
     ``FromCheckpoint`` student) and fine-tune for a few epochs with a small learning rate.
 
@@ -117,26 +130,29 @@ class QuantizationAwareTraining(Callback):
         self.quantized_model: nn.Module | None = None
         self.float_spec: dict[str, Any] | None = None
         self._example_shape_used: list[int] | None = None
+        self._record: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "_kd_qat_prepared", False):
-            return
         student = student_of(pl_module)
+        example = _example_from(trainer, self.example_shape)
+        self._example_shape_used = list(example.shape)
+        self._record = qat_record(STUDENT_ATTRIBUTE, example, self.backend)
+        if is_qat_prepared(student):
+            # Prepared by an earlier setup, or loaded as such (prepare_for_state_dict).
+            freeze_observers_in_eval(student)
+            return
         make_checkpoint_self_contained(pl_module)
         self.float_spec = model_spec(student)
-        arg = getattr(pl_module, "student_arg", "student")
+        arg = getattr(pl_module, "student_arg", STUDENT_ATTRIBUTE)
         spec = pl_module.hparams.get(arg) if hasattr(pl_module, "hparams") else None
         if isinstance(spec, dict) and "class_path" in spec:
             self.float_spec = spec
-        example = _example_from(trainer, self.example_shape)
-        self._example_shape_used = list(example.shape)
         was_training = student.training
         prepared = prepare_qat(student.cpu(), example, backend=self.backend)
         pl_module.student = prepared.train(was_training)
-        pl_module.__dict__["_kd_qat_prepared"] = True
         rank_zero_info(
             f"QuantizationAwareTraining: {type(student).__name__} fake-quantized for int8 "
-            f"({torch.backends.quantized.engine})."
+            f"({torch.backends.quantized.engine}); observers update in training mode only."
         )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -147,15 +163,27 @@ class QuantizationAwareTraining(Callback):
             student_of(pl_module).apply(torch.ao.quantization.disable_observer)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """Record how to rebuild the fake-quantized student (:func:`qat_record`).
+
+        Goes to ``checkpoint["kd_lightning"]["compression"]``, where every loader reads it
+        (:func:`~kd_lightning.compression.compression_record`).
+        """
+        if self._record is None:
+            return
+        metadata = checkpoint.setdefault(CHECKPOINT_KEY, {})
+        metadata.setdefault(COMPRESSION_KEY, {}).update(self._record)
+        # The method's own on_save_checkpoint runs after the callbacks' and, until it merges
+        # into checkpoint["kd_lightning"] instead of replacing it, drops the record above;
+        # this key (the one earlier versions wrote) keeps the checkpoint loadable meanwhile.
         checkpoint[QAT_CHECKPOINT_KEY] = {
-            "backend": torch.backends.quantized.engine,
+            "backend": self._record["qat"]["backend"],
             "example_shape": self._example_shape_used,
             "float_spec": self.float_spec,
         }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = student_of(pl_module)
-        self.quantized_model = convert_qat(student.cpu())
+        self.quantized_model = convert_qat(student)
         rank_zero_info(
             f"QuantizationAwareTraining: int8 student, {model_size_bytes(self.quantized_model):,} "
             "bytes."
@@ -303,8 +331,6 @@ def load_compressed_student(checkpoint_path: str | Path) -> nn.Module:
     A quantization-aware checkpoint gives the fake-quantized float student (``convert_qat``
     of it is the int8 model). An int8 file from :func:`save_quantized` gives the int8 model.
     """
-    from kd_lightning.teachers import CHECKPOINT_KEY, STUDENT_PREFIX, load_student, read_checkpoint
-
     path = Path(checkpoint_path)
     checkpoint = read_checkpoint(path) if path.suffix == ".ckpt" else None
     if checkpoint is None:
@@ -312,17 +338,19 @@ def load_compressed_student(checkpoint_path: str | Path) -> nn.Module:
         if isinstance(data, dict) and QUANTIZED_FILE_KEY in data:
             return load_quantized(path)
         checkpoint = read_checkpoint(path)
-    qat = checkpoint.get(QAT_CHECKPOINT_KEY)
-    if qat is None:
-        return load_student(path)
-    meta = checkpoint.get(CHECKPOINT_KEY, {})
-    spec = _spec_or_error(qat.get("float_spec") or meta.get("student_spec"), str(path))
-    example = torch.rand(*qat["example_shape"])
-    model = prepare_qat(instantiate(spec), example, backend=qat.get("backend"))
     state = {
         k[len(STUDENT_PREFIX) :]: v
         for k, v in checkpoint["state_dict"].items()
         if k.startswith(STUDENT_PREFIX)
     }
-    model.load_state_dict(state)
+    if not is_qat_state(state):
+        return load_student(path)
+    legacy = checkpoint.get(QAT_CHECKPOINT_KEY) or {}
+    spec = legacy.get("float_spec") or checkpoint.get(CHECKPOINT_KEY, {}).get("student_spec")
+    model = load_compressed_state_dict(
+        instantiate(_spec_or_error(spec, str(path))),
+        state,
+        compression_record(checkpoint),
+        module_path=STUDENT_ATTRIBUTE,
+    )
     return model.eval()

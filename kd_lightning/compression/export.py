@@ -9,6 +9,12 @@
 * :func:`check_equivalence` runs the exported artefact next to the eager model and raises
   :class:`ExportMismatchError` when they differ by more than a tolerance.
 
+An ONNX file is self-contained (weights inside) unless the weights pass ONNX's 2 GB protobuf
+limit; then they go to ``<name>.onnx.data`` beside it (:func:`onnx_data_file` names it).
+Every file is written atomically: into a new folder beside the target, then moved into place
+with ``os.replace`` (:func:`staged_output`), so an interrupted export never leaves half a file
+under the target name.
+
 The batch axis is exported as dynamic. ``torch.export`` specialises a dimension of size 1 to
 a constant, so an example batch of size 1 is repeated to size 2 before export.
 
@@ -23,8 +29,11 @@ Pure torch plus the optional ONNX packages; never imports lightning.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,11 +50,41 @@ __all__ = [
     "export_onnx",
     "export_program",
     "load_exported",
+    "onnx_data_file",
+    "staged_output",
 ]
+
+# Weights above this size go to an external data file: ONNX files are protobufs, capped at 2 GB.
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class ExportMismatchError(RuntimeError):
     """The exported model's outputs differ from the eager model's beyond the tolerance."""
+
+
+def onnx_data_file(path: str | Path) -> Path:
+    """The external weights file an ONNX export writes beside ``path`` when it needs one."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
+
+
+@contextmanager
+def staged_output(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` (and any companion file) atomically.
+
+    Yields a path with ``path``'s name inside a new folder beside it. When the block succeeds,
+    every file written into that folder is moved next to ``path`` with ``os.replace`` (atomic
+    on one file system), ``path`` itself last; the folder is removed in every case.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging / path.name
+        for staged in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(staged, path.parent / staged.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _as_args(example_input: Tensor | tuple) -> tuple[Tensor, ...]:
@@ -94,14 +133,18 @@ def export_onnx(
     path: str | Path,
     *,
     opset_version: int | None = None,
+    external_data: bool | None = None,
 ) -> Path:
-    """Export to ONNX with a dynamic batch axis.
+    """Export to ONNX with a dynamic batch axis, atomically (see :func:`staged_output`).
 
     Args:
         model: the (float) student; exported in eval mode, its mode restored after.
         example_input: a tensor or tuple of tensors, batch first.
         path: target ``.onnx`` file (parent directories are created).
         opset_version: ONNX opset; ``None`` takes the exporter's default.
+        external_data: write the weights to :func:`onnx_data_file` instead of into the file.
+            ``None``: only when they exceed ONNX's 2 GB limit (1.8 GB of parameters and
+            buffers), so a small model is one self-contained file.
 
     Returns:
         The path written. Inputs are named ``input`` (``input_0``, ``input_1``, ... for
@@ -116,9 +159,11 @@ def export_onnx(
             "(onnx, onnxscript, onnxruntime)."
         ) from error
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     args = _as_args(example_input)
     target = _deployable(model)
+    if external_data is None:
+        tensors = [*target.parameters(), *target.buffers()]
+        external_data = sum(t.numel() * t.element_size() for t in tensors) > EXTERNAL_DATA_BYTES
     input_names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     # The exporter logs one warning per torchvision operator it cannot register when
     # torchvision is absent (this project never installs it): not relevant to our models.
@@ -126,7 +171,7 @@ def export_onnx(
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
     try:
-        with _eval_mode(target), torch.no_grad():
+        with _eval_mode(target), torch.no_grad(), staged_output(path) as staged:
             with_outputs = target(*args)
             leaves = tree_leaves(with_outputs)
             output_names = (
@@ -135,8 +180,9 @@ def export_onnx(
             torch.onnx.export(
                 target,
                 args,
-                str(path),
+                str(staged),
                 dynamo=True,
+                external_data=external_data,
                 dynamic_shapes=_dynamic_batch(args),
                 input_names=input_names,
                 output_names=output_names,
@@ -149,7 +195,7 @@ def export_onnx(
 
 
 def export_program(model: nn.Module, example_input: Tensor | tuple, path: str | Path) -> Path:
-    """Save a ``torch.export`` program (``.pt2``) with a dynamic batch axis.
+    """Save a ``torch.export`` program (``.pt2``) with a dynamic batch axis, atomically.
 
     Load it back with :func:`load_exported` (or ``torch.export.load(path).module()``); it runs
     without the model's Python class.
@@ -160,12 +206,12 @@ def export_program(model: nn.Module, example_input: Tensor | tuple, path: str | 
         path: target file, conventionally ``*.pt2``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     args = _as_args(example_input)
     target = _deployable(model)
     with _eval_mode(target), torch.no_grad():
         program = torch.export.export(target, args, dynamic_shapes=_dynamic_batch(args))
-    torch.export.save(program, str(path))
+    with staged_output(path) as staged:
+        torch.export.save(program, str(staged))
     return path
 
 

@@ -23,6 +23,7 @@ Everything here is pure torch and never imports lightning.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -37,6 +38,7 @@ __all__ = [
     "exact_hessian_diagonal",
     "hutchinson_hessian_diagonal",
     "obd_hessian_diagonal",
+    "sequential_view",
 ]
 
 
@@ -245,6 +247,26 @@ _ELEMENTWISE = (
 )
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Flatten)
 _SUPPORTED = (nn.Linear, nn.Conv2d, *_ELEMENTWISE, *_PASSTHROUGH)
+
+
+def sequential_view(model: nn.Module) -> nn.Sequential | None:
+    """The model as an ``nn.Sequential`` with the same parameter names, or None.
+
+    :func:`obd_hessian_diagonal` walks an ``nn.Sequential``; a zoo ``MLP`` computes
+    ``classifier(hidden(x.flatten(1)))``, which is the sequence flatten, hidden, classifier.
+    """
+    if isinstance(model, nn.Sequential):
+        return model
+    from kd_lightning.models.mlp import MLP
+
+    if type(model) is MLP:
+        layers = [
+            ("flatten", nn.Flatten()),
+            ("hidden", model.hidden),
+            ("classifier", model.classifier),
+        ]
+        return nn.Sequential(OrderedDict(layers))
+    return None
 
 
 def _flatten_layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

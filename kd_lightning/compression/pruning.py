@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from kd_lightning.compression.masks import install_pruning_for_state_dict, refresh_masked
+
 __all__ = [
     "apply_masks",
     "channel_saliency",
@@ -257,14 +259,6 @@ def apply_masks(module: nn.Module, masks: Mapping[str, Tensor]) -> None:
         prune.custom_from_mask(sub, tensor_name, mask.to(params[name].device))
 
 
-def _refresh(sub: nn.Module, tensor_name: str) -> None:
-    # The pruning forward pre-hook recomputes the masked tensor; call it now so the attribute
-    # is right before the next forward (e.g. right after loading a state dict).
-    for hook in sub._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == tensor_name:
-            hook(sub, None)
-
-
 def load_pruned_state_dict(
     module: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True
 ) -> None:
@@ -279,18 +273,10 @@ def load_pruned_state_dict(
         state_dict: e.g. ``torch.load(path)`` of ``pruned.state_dict()``.
         strict: passed to ``load_state_dict``.
     """
-    targets = []
-    for key in state_dict:
-        if not key.endswith("_mask") or f"{key[: -len('_mask')]}_orig" not in state_dict:
-            continue
-        path, tensor_name = _split(key[: -len("_mask")])
-        sub = module.get_submodule(path) if path else module
-        if not hasattr(sub, f"{tensor_name}_mask"):
-            prune.identity(sub, tensor_name)
-        targets.append((sub, tensor_name))
+    targets = install_pruning_for_state_dict(module, state_dict)
     module.load_state_dict(state_dict, strict=strict)
     for sub, tensor_name in targets:
-        _refresh(sub, tensor_name)
+        refresh_masked(sub, tensor_name)
 
 
 def make_pruning_permanent(module: nn.Module) -> list[str]:

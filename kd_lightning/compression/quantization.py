@@ -18,6 +18,8 @@ since a user cannot act on them; the migration is a change of this module, not o
   "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
   Inference"): fake-quantize modules simulate int8 rounding in the forward pass and pass
   gradients straight through, so the student learns weights that survive quantization.
+  Their observers move the int8 ranges in training mode only
+  (:func:`freeze_observers_in_eval`): evaluating a model changes none of its tensors.
 
 The returned models run on the CPU quantized engine (``torch.backends.quantized.engine``,
 ``x86`` / ``fbgemm`` on Intel/AMD, ``qnnpack`` on ARM). Every function works on a deep copy:
@@ -41,6 +43,8 @@ from kd_lightning.compression.pruning import copy_with_masks_applied
 
 __all__ = [
     "convert_qat",
+    "freeze_observers_in_eval",
+    "is_qat_prepared",
     "model_size_bytes",
     "prepare_qat",
     "quantize_dynamic_int8",
@@ -255,7 +259,8 @@ def prepare_qat(
 
     The result is a train-mode model whose parameters are trained with autograd as usual
     (straight-through gradients through the rounding); BatchNorm is folded into the
-    preceding convolution. Fine-tune it (e.g. by distillation), then call
+    preceding convolution. Its observers update only in training mode
+    (:func:`freeze_observers_in_eval`). Fine-tune it (e.g. by distillation), then call
     :func:`convert_qat`. A model whose own forward cannot be traced by ``torch.fx`` is
     prepared child by child.
 
@@ -276,16 +281,109 @@ def prepare_qat(
         )
     if count == 0:
         raise _untraceable(model)
+    freeze_observers_in_eval(prepared)
     return prepared.train()
 
 
+def _fake_quantizers(model: nn.Module) -> list[nn.Module]:
+    from torch.ao.quantization import FakeQuantizeBase
+
+    return [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def is_qat_prepared(model: nn.Module) -> bool:
+    """Whether the model carries fake-quantize modules (the output of :func:`prepare_qat`)."""
+    return bool(_fake_quantizers(model))
+
+
+_EVAL_HOOKED = "_kd_eval_hooks"
+_EVAL_FROZEN = "_kd_observers_frozen_in_eval"
+_SAVED_SWITCHES = "_kd_saved_switches"
+
+
+def _calibrated(fake_quant: nn.Module) -> Tensor | bool:
+    """Whether the observer has seen data (as a 0-d tensor: no device synchronisation).
+
+    A fresh moving-average observer holds ``min_val = +inf`` (per-channel: an empty tensor);
+    its fake-quantize would round with ``scale = 1``. Observers without a range (fixed
+    qparams) count as calibrated.
+    """
+    low = getattr(getattr(fake_quant, "activation_post_process", None), "min_val", None)
+    if not isinstance(low, Tensor):
+        return True
+    if low.numel() == 0:
+        return False
+    return torch.isfinite(low).all()
+
+
+def _eval_pre_hook(module: nn.Module, args: tuple) -> None:
+    if module.training or not module.__dict__.get(_EVAL_FROZEN, False):
+        return
+    buffers = module._buffers
+    saved = {"observer_enabled": buffers["observer_enabled"]}
+    buffers["observer_enabled"] = torch.zeros_like(saved["observer_enabled"])
+    calibrated = _calibrated(module)
+    if calibrated is not True:
+        saved["fake_quant_enabled"] = buffers["fake_quant_enabled"]
+        switch = saved["fake_quant_enabled"]
+        buffers["fake_quant_enabled"] = (
+            switch * calibrated.to(switch.dtype) if calibrated is not False else switch * 0
+        )
+    module.__dict__[_SAVED_SWITCHES] = saved
+
+
+def _eval_post_hook(module: nn.Module, args: tuple, output: object) -> None:
+    saved = module.__dict__.pop(_SAVED_SWITCHES, None)
+    if saved:
+        module._buffers.update(saved)
+
+
+def freeze_observers_in_eval(model: nn.Module) -> int:
+    """Tie every fake-quantize observer of ``model`` to the module's train/eval mode.
+
+    In training mode nothing changes: observers update the int8 ranges (unless disabled,
+    e.g. by ``torch.ao.quantization.disable_observer``). In eval mode, for the duration of
+    each forward, the observer is switched off, so validation, test, predict, export and a
+    frozen teacher read the model without changing any of its tensors; the fake-quantize
+    keeps its own setting, except where the observer has never seen data (its rounding would
+    use ``scale = 1``): there the tensor passes through unrounded. The switches are swapped
+    for temporary tensors, so ``state_dict()`` never shows the eval-mode values.
+
+    :func:`prepare_qat` calls this; call it yourself on a model prepared by other means.
+    Idempotent; survives ``copy.deepcopy`` (the hooks are module-level functions).
+
+    Returns:
+        The number of fake-quantize modules of ``model``.
+    """
+    fake_quants = _fake_quantizers(model)
+    for fake_quant in fake_quants:
+        if not fake_quant.__dict__.get(_EVAL_HOOKED, False):
+            fake_quant.register_forward_pre_hook(_eval_pre_hook)
+            fake_quant.register_forward_hook(_eval_post_hook, always_call=True)
+            fake_quant.__dict__[_EVAL_HOOKED] = True
+        fake_quant.__dict__[_EVAL_FROZEN] = True
+    return len(fake_quants)
+
+
+def _unfreeze_observers(model: nn.Module) -> None:
+    """Undo :func:`freeze_observers_in_eval` on ``model``: its observers follow their switches."""
+    for fake_quant in _fake_quantizers(model):
+        fake_quant.__dict__[_EVAL_FROZEN] = False
+
+
 def convert_qat(model: nn.Module) -> nn.Module:
-    """Turn a model from :func:`prepare_qat` into a real int8 model (eval mode; copy)."""
+    """Turn a model from :func:`prepare_qat` into a real int8 model (eval mode, CPU; a copy).
+
+    ``model`` is left as it was (device, mode, observers).
+    """
     if not any(_is_prepared(m) for m in model.modules()):
         raise ValueError(
             "convert_qat expects the model returned by prepare_qat (fake-quantized graph "
             f"modules), got {type(model).__name__} without any."
         )
-    clone = copy.deepcopy(model).eval()
+    clone = copy.deepcopy(model).cpu().eval()
+    # torch's conversion runs each weight's fake-quantize once more to fit the int8 grid to
+    # the final weights: on this copy the observers work as torch intends.
+    _unfreeze_observers(clone)
     with _quiet_torch_ao():
         return _convert_tree(clone).eval()

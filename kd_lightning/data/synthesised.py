@@ -133,6 +133,7 @@ class SynthesisedTransferSet(TransferSetDataModule):
         if "val" not in self.datasets:
             for split in ("val", "test"):
                 x, y = self.raw_split(split)
+                self.check_labels(split, y)
                 self.datasets[split] = TensorTransferSet(x, y, torch.arange(len(y)))
         if self.shuffle_seed is None:
             self.shuffle_seed = torch.initial_seed() % (2**31)

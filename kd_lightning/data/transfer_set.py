@@ -1,128 +1,50 @@
-"""Transfer sets: what the student learns from (Hinton et al. 2015, section 3).
+"""Transfer-set data modules: what the student learns from (Hinton et al. 2015, section 3).
 
-A transfer set may be partly unlabeled (``target == -1``: the sample still carries the
-teacher's knowledge) and may omit classes entirely (the student must learn them from the
-teacher's soft targets alone). Batches are dicts: ``input``, ``target``, ``index``; ``view``
-when the training images are augmented (which augmented view of the sample this is), and the
-teacher's cached outputs when a :class:`~kd_lightning.data.teacher_cache.TeacherCache` is
-attached.
+:class:`BaseTransferSetDataModule` holds what every transfer set shares: the labeled fraction
+and omitted classes (applied by :func:`~kd_lightning.data.datasets.select_transfer_samples`),
+epoch-seeded shuffling, the teacher cache, dict batches, and the set-up checks (label dtype and
+range, no empty split) that run before any step. :class:`TransferSetDataModule` is the base of
+in-memory tensor data sets (digits, CIFAR, MNIST, synthetic) with transforms and replayable
+augmentation on the device; :class:`~kd_lightning.data.DatasetTransferSet` wraps any map-style
+datasets.
 
-Augmentation is replayable: the random parameters of view ``v`` of sample ``i`` are a function
-of ``(seed, i, v)``, and the view a sample is shown in an epoch is a function of
-``(epoch, i)``. The sampler hands ``(position, epoch)`` to the dataset, so the choice needs no
-state in the DataLoader workers and a resumed run sees the same images.
+Batches are dicts: ``input``, ``target``, ``index``; ``view`` when the training images are
+augmented (which augmented view of the sample this is), and the teacher's cached outputs when a
+:class:`~kd_lightning.data.teacher_cache.TeacherCache` is attached.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from kd_lightning.data.teacher_cache import SplitOutputs, TeacherCache
-from kd_lightning.functional.soft_target import IGNORE_INDEX
+from kd_lightning.data.batch import check_not_empty, check_targets, normalise_batch
+from kd_lightning.data.datasets import (
+    EpochSeededSampler,
+    TensorTransferSet,
+    ViewFn,
+    collate_batch,
+    select_transfer_samples,
+)
+from kd_lightning.data.teacher_cache import TeacherCache
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
+__all__ = [
+    "BaseTransferSetDataModule",
+    "EpochSeededSampler",
+    "Split",
+    "TensorTransferSet",
+    "TransferSetDataModule",
+    "ViewFn",
+]
 
-ViewFn = Callable[[torch.Tensor, int], torch.Tensor]
-"""``(indices, epoch) -> views``: which augmented view of each sample an epoch shows."""
-
-
-class TensorTransferSet(Dataset):
-    """In-memory samples; fetches whole batches at once (``__getitems__``) as a dict of tensors.
-
-    Keys are positions, or ``(position, epoch)`` pairs from an :class:`EpochSeededSampler` with
-    ``with_epoch=True`` (plain positions count as epoch 0).
-
-    Args:
-        inputs: samples, shape (N, ...).
-        targets: labels (N,), ``-1`` for unlabeled samples.
-        indices: each sample's position in the full split (``index`` in the batch).
-        view_fn: when given, batches carry ``view = view_fn(index, epoch)``.
-        teacher_outputs: cached teacher outputs of the split, looked up by ``(index, view)``.
-    """
-
-    def __init__(
-        self,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        indices: torch.Tensor,
-        view_fn: ViewFn | None = None,
-        teacher_outputs: SplitOutputs | None = None,
-    ) -> None:
-        if not len(inputs) == len(targets) == len(indices):
-            raise ValueError("inputs, targets and indices must have the same length")
-        self.inputs, self.targets, self.indices = inputs, targets, indices
-        self.view_fn = view_fn
-        self.teacher_outputs = teacher_outputs
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([key]).items()}
-
-    def __getitems__(self, keys: list) -> dict[str, torch.Tensor]:
-        if keys and isinstance(keys[0], (tuple, list)):
-            positions = [int(k[0]) for k in keys]
-            epoch = int(keys[0][1])
-        else:
-            positions, epoch = [int(k) for k in keys], 0
-        rows = torch.as_tensor(positions, dtype=torch.long)
-        index = self.indices[rows]
-        batch = {"input": self.inputs[rows], "target": self.targets[rows], "index": index}
-        views = None
-        if self.view_fn is not None:
-            views = self.view_fn(index, epoch)
-            batch["view"] = views
-        if self.teacher_outputs is not None:
-            if views is None:
-                views = torch.zeros_like(index)
-            batch.update(self.teacher_outputs.lookup(index, views))
-        return batch
-
-
-def _collate_batch(batch: dict[str, torch.Tensor] | list) -> dict[str, torch.Tensor]:
-    # TensorTransferSet.__getitems__ already returns a collated batch.
-    if isinstance(batch, dict):
-        return batch
-    return torch.utils.data.default_collate(batch)
-
-
-class EpochSeededSampler(Sampler):
-    """Random order that depends only on ``(seed, epoch)``.
-
-    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees
-    exactly the batches an uninterrupted run would have seen.
-
-    Args:
-        num_samples: size of the dataset.
-        seed: shuffling seed.
-        with_epoch: yield ``(position, epoch)`` pairs instead of positions, so the dataset can
-            pick each sample's augmented view for the epoch.
-    """
-
-    def __init__(self, num_samples: int, seed: int, with_epoch: bool = False) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-        self.with_epoch = with_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
-        if self.with_epoch:
-            return iter([(position, self.epoch) for position in order])
-        return iter(order)
+_STAGE_SPLIT = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}
 
 
 def _view_offsets(indices: torch.Tensor, seed: int) -> torch.Tensor:
@@ -131,14 +53,14 @@ def _view_offsets(indices: torch.Tensor, seed: int) -> torch.Tensor:
     return (mixed ^ (mixed >> 15)) * 0x2C1B3C6D & 0x7FFFFFFF
 
 
-class TransferSetDataModule(L.LightningDataModule, abc.ABC):
-    """Base of every transfer set: splits, labeled fraction, omitted classes, dict batches.
+class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
+    """What every transfer set shares: selection, shuffling, cache, set-up checks, loaders.
 
-    Subclasses implement :meth:`load_split` and pass ``num_classes`` to this constructor, so it
-    is known before any data is read (the CLI links it into the student).
+    Subclasses implement :meth:`build_datasets`.
 
     Args:
-        num_classes: number of classes of the task.
+        num_classes: number of classes of the task (known before any data is read, so the CLI
+            can link it into the student).
         batch_size: samples per batch.
         num_workers: DataLoader worker processes (0: load in the main process).
         labeled_fraction: fraction of the transfer set that keeps its labels, in (0, 1]; the
@@ -166,6 +88,8 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         teacher_cache: TeacherCache | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not 0 < labeled_fraction <= 1:
             raise ValueError(
                 f"labeled_fraction must be in (0, 1], got {labeled_fraction}. Use 1.0 for a fully "
@@ -190,7 +114,167 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.teacher_cache = teacher_cache
-        self.datasets: dict[str, TensorTransferSet] = {}
+        self.datasets: dict[str, Any] = {}
+        self._cache_attached = False
+
+    @abc.abstractmethod
+    def build_datasets(self) -> dict[str, Dataset]:
+        """The datasets by split (``train`` required; ``val``/``test`` when available)."""
+
+    def cache_source(self) -> Any:
+        """What the teacher cache reads (see :meth:`TeacherCache.ensure`): the split loaders."""
+        self._build_once()
+        return {split: self._loader(split, shuffle=False) for split in self.datasets}
+
+    # ------------------------------------------------------------------ set-up checks
+    def check_labels(self, split: str, targets: Any) -> None:
+        """Label dtype and range of a split, before any step (:func:`check_targets`)."""
+        check_targets(targets, self.num_classes, f"the {split} labels of {type(self).__name__}")
+
+    def check_training_set(self, count_before: int, count_after: int) -> None:
+        """Refuse an empty training set, saying whether the data or the selection emptied it."""
+        name = type(self).__name__
+        check_not_empty(
+            count_before,
+            f"the train split of {name}",
+            "check the data source (path, split, filters) before training",
+        )
+        check_not_empty(
+            count_after,
+            f"the transfer set of {name} after omit_classes={self.omit_classes}",
+            "every training sample is of an omitted class; omit fewer classes",
+        )
+
+    # ------------------------------------------------------------------ datasets
+    def dataset(self, split: str) -> Any:
+        if split not in self.datasets:
+            self.setup()
+        if split not in self.datasets:
+            raise ValueError(
+                f"{type(self).__name__} has no {split!r} split (it has {sorted(self.datasets)})"
+            )
+        return self.datasets[split]
+
+    def prepare_data(self) -> None:
+        """Verify or build the teacher cache (Lightning runs this in one process per node).
+
+        Subclasses that download data do so first, then call ``super().prepare_data()``.
+        """
+        if self.teacher_cache is not None:
+            self.teacher_cache.ensure(self.cache_source())
+
+    def _build_once(self) -> bool:
+        """Build the datasets (and run the label checks) unless built; True when built now."""
+        if self.datasets:
+            return False
+        self.datasets = dict(self.build_datasets())
+        if self.shuffle_seed is None:
+            self.shuffle_seed = torch.initial_seed() % (2**31)
+        return True
+
+    def setup(self, stage: str | None = None) -> None:
+        self._build_once()
+        if self.teacher_cache is not None and not self._cache_attached:
+            self._attach_teacher_cache()
+            self._cache_attached = True
+        split = _STAGE_SPLIT.get(stage or "")
+        if split is not None and split != "train" and split in self.datasets:
+            check_not_empty(
+                len(self.datasets[split]),
+                f"the {split} split of {type(self).__name__}",
+                f"give it samples (e.g. a non-zero {split}_size) or skip {stage}",
+            )
+
+    def _attach_teacher_cache(self) -> None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            # prepare_data ran on rank 0 of each node; the others read only what it committed.
+            dist.barrier()
+        header = self.teacher_cache.ensure(self.cache_source(), may_build=not distributed)
+        for split, dataset in self.datasets.items():
+            dataset.teacher_outputs = self.teacher_cache.outputs(header, split)
+
+    # ------------------------------------------------------------------ loaders
+    def collate(self, samples: Any) -> Any:
+        """Collate function of every loader (dict batches from dict samples)."""
+        return collate_batch(samples)
+
+    def example_batch(self, size: int = 2) -> dict[str, Any]:
+        """A few training samples as a normalised batch, for start-up checks (shapes, class counts)."""
+        dataset = self.dataset("train")
+        return normalise_batch(
+            self.collate(dataset.__getitems__(list(range(min(size, len(dataset))))))
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        with_epoch = getattr(dataset, "view_fn", None) is not None
+        sampler = (
+            EpochSeededSampler(len(dataset), self.shuffle_seed, with_epoch) if shuffle else None
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class TransferSetDataModule(BaseTransferSetDataModule):
+    """Base of in-memory tensor transfer sets: splits, labeled fraction, omitted classes, dict batches.
+
+    Subclasses implement :meth:`load_split` and pass ``num_classes`` to this constructor, so it
+    is known before any data is read (the CLI links it into the student). Transforms run batched
+    on the device (:meth:`transform_batch`), with replayable augmentation.
+
+    Args:
+        num_classes: number of classes of the task.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        labeled_fraction: fraction of the transfer set that keeps its labels, in (0, 1].
+        omit_classes: classes removed from the transfer (training) set (kept in val/test).
+        split_seed: seed of the fixed data splits and labeled subset.
+        shuffle_seed: seed of the epoch-wise shuffling (default: the run's seed).
+        teacher_cache: precomputed teacher outputs, put in every batch.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        labeled_fraction: float = 1.0,
+        omit_classes: Sequence[int] | None = None,
+        split_seed: int = 0,
+        shuffle_seed: int | None = None,
+        teacher_cache: TeacherCache | None = None,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            labeled_fraction=labeled_fraction,
+            omit_classes=omit_classes,
+            split_seed=split_seed,
+            shuffle_seed=shuffle_seed,
+            teacher_cache=teacher_cache,
+        )
         self._raw_splits: dict[str, Split] = {}
 
     @abc.abstractmethod
@@ -202,6 +286,9 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         if split not in self._raw_splits:
             self._raw_splits[split] = self.load_split(split)
         return self._raw_splits[split]
+
+    def cache_source(self) -> Any:
+        return self
 
     # ------------------------------------------------------------------ transforms
     @property
@@ -255,11 +342,6 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         """Shape of one input sample (after :meth:`setup`)."""
         return tuple(self.dataset("train").inputs.shape[1:])
 
-    def dataset(self, split: str) -> TensorTransferSet:
-        if split not in self.datasets:
-            self.setup()
-        return self.datasets[split]
-
     def example_batch(self, size: int = 2) -> dict[str, torch.Tensor]:
         """A few training samples as a (transformed) batch, for start-up checks (shapes, class counts)."""
         dataset = self.dataset("train")
@@ -268,85 +350,22 @@ class TransferSetDataModule(L.LightningDataModule, abc.ABC):
         )
 
     def _build_transfer_set(self, inputs: torch.Tensor, targets: torch.Tensor) -> TensorTransferSet:
-        indices = torch.arange(len(targets))
-        keep = torch.ones(len(targets), dtype=torch.bool)
-        for c in self.omit_classes:
-            keep &= targets != c
-        inputs, targets, indices = inputs[keep], targets[keep].clone(), indices[keep]
-        if self.labeled_fraction < 1:
-            generator = torch.Generator().manual_seed(self.split_seed + 1)
-            labeled = torch.zeros(len(targets), dtype=torch.bool)
-            for c in targets.unique():
-                members = (targets == c).nonzero().flatten()
-                count = max(1, round(self.labeled_fraction * len(members)))
-                chosen = members[torch.randperm(len(members), generator=generator)[:count]]
-                labeled[chosen] = True
-            targets[~labeled] = IGNORE_INDEX
+        self.check_labels("train", targets)
+        positions, kept = select_transfer_samples(
+            targets, self.labeled_fraction, self.omit_classes, self.split_seed
+        )
+        self.check_training_set(len(targets), len(positions))
         # `index` stays the position in the full train split so caches and memory banks keyed by
         # it do not depend on which classes were omitted.
         uses_views = self.augments_train or self.teacher_cache is not None
         return TensorTransferSet(
-            inputs, targets, indices, view_fn=self.views_for if uses_views else None
+            inputs[positions], kept, positions, view_fn=self.views_for if uses_views else None
         )
 
-    def prepare_data(self) -> None:
-        """Verify or build the teacher cache (Lightning runs this in one process per node).
-
-        Subclasses that download data do so first, then call ``super().prepare_data()``.
-        """
-        if self.teacher_cache is not None:
-            self.teacher_cache.ensure(self)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        x, y = self.raw_split("train")
-        self.datasets["train"] = self._build_transfer_set(x, y)
+    def build_datasets(self) -> dict[str, TensorTransferSet]:
+        datasets = {"train": self._build_transfer_set(*self.raw_split("train"))}
         for split in ("val", "test"):
             x, y = self.raw_split(split)
-            self.datasets[split] = TensorTransferSet(x, y, torch.arange(len(y)))
-        if self.shuffle_seed is None:
-            self.shuffle_seed = torch.initial_seed() % (2**31)
-        if self.teacher_cache is not None:
-            self._attach_teacher_cache()
-
-    def _attach_teacher_cache(self) -> None:
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            # prepare_data ran on rank 0 of each node; the others read only what it committed.
-            dist.barrier()
-        header = self.teacher_cache.ensure(self, may_build=not distributed)
-        for split, dataset in self.datasets.items():
-            dataset.teacher_outputs = self.teacher_cache.outputs(header, split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        sampler = (
-            EpochSeededSampler(
-                len(dataset), self.shuffle_seed, with_epoch=dataset.view_fn is not None
-            )
-            if shuffle
-            else None
-        )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=_collate_batch,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+            self.check_labels(split, y)
+            datasets[split] = TensorTransferSet(x, y, torch.arange(len(y)))
+        return datasets

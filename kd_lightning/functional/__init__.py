@@ -22,15 +22,35 @@ from kd_lightning.functional.soft_target import (
     soft_target_kl,
 )
 from kd_lightning.functional.sparse_soft_target import sparse_soft_target_kl, topk_log_probs
+from kd_lightning.functional.token import (
+    TOKEN_IGNORE_INDEX,
+    check_vocab_sizes,
+    crop_to_shared_vocab,
+    token_divergence,
+    token_forward_kl,
+    token_generalized_jsd,
+    token_reverse_kl,
+    token_total_variation,
+    token_weights,
+)
+from kd_lightning.functional.token_chunked import (
+    chunked_token_divergence,
+    fused_linear_token_divergence,
+)
 
 __all__ = [
     "IGNORE_INDEX",
+    "TOKEN_IGNORE_INDEX",
     "attention_transfer",
+    "check_vocab_sizes",
+    "chunked_token_divergence",
+    "crop_to_shared_vocab",
     "correlation_congruence",
     "crd_nce_loss",
     "decoupled_kd",
     "dist_loss",
     "fitnets_hint",
+    "fused_linear_token_divergence",
     "flow_of_solution_procedure",
     "hard_label_cross_entropy",
     "logit_matching_mse",
@@ -42,6 +62,12 @@ __all__ = [
     "similarity_preserving",
     "soft_target_kl",
     "sparse_soft_target_kl",
+    "token_divergence",
+    "token_forward_kl",
+    "token_generalized_jsd",
+    "token_reverse_kl",
+    "token_total_variation",
+    "token_weights",
     "topk_log_probs",
     "variational_information",
 ]

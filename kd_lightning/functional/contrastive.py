@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.functional._precision import full_precision
+from kd_lightning.functional._precision import full_precision, upcast
 
 
 def sample_negatives(index: torch.Tensor, n_data: int, num_negatives: int) -> torch.Tensor:
@@ -32,9 +32,12 @@ def _log_scores(
     anchor: torch.Tensor, memory: torch.Tensor, contrast_index: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """``<memory[contrast_index[b, k]], anchor[b]> / temperature``, shape ``(B, 1 + N)``."""
-    critics = memory[contrast_index].float()  # (B, 1 + N, D)
+    critics = upcast(memory[contrast_index])  # (B, 1 + N, D)
+    anchor = upcast(anchor)
+    dtype = torch.promote_types(critics.dtype, anchor.dtype)
+    critics, anchor = critics.to(dtype), anchor.to(dtype)
     with full_precision(critics):
-        return torch.bmm(critics, anchor.float()[:, :, None])[:, :, 0] / temperature
+        return torch.bmm(critics, anchor[:, :, None])[:, :, 0] / temperature
 
 
 def _estimate_log_normalizer(log_scores: torch.Tensor, n_data: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Several teachers as one: per-sample teacher weights and knowledge purification (stateless).
+r"""Several teachers as one: per-sample teacher weights and knowledge purification (stateless).
 
 Multi-teacher distillation gives the student one combined target built from K teachers. The
 simplest combination averages them (You et al. 2017, "Learning from Multiple Teacher Networks");
@@ -10,8 +10,11 @@ down-weighted in) that sample's combination, so a bad teacher cannot pull the st
 the others.
 
 Shapes: teacher logits are stacked as ``(K, B, C)`` (teachers, batch, classes); weights and
-masks are ``(K, B)``. Everything runs in float32, without host synchronisation (no
-data-dependent indexing), so it can sit inside a training step on any device.
+masks are ``(K, B)``. Everything runs in float32 (float64 for float64 logits), without host
+synchronisation (no data-dependent indexing), so it can sit inside a training step on any
+device. A teacher logit of ``-inf`` (a masked class) is a probability of 0 everywhere here:
+entropies treat :math:`0 \log 0` as 0, and a teacher with weight 0 contributes nothing, not
+``0 * -inf = NaN``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kd_lightning.functional._divergence import entropy_from_log_probs
+from kd_lightning.functional._precision import upcast
 from kd_lightning.functional.soft_target import IGNORE_INDEX
 
 WEIGHTINGS = ("mean", "fixed", "confidence", "entropy")
@@ -34,6 +39,15 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_stacked(logits: torch.Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(
+            f"teacher logits must be stacked as (K, B, C) (teachers, samples, classes), got "
+            f"{tuple(logits.shape)}. Stack the K teachers' (B, C) logits with torch.stack; "
+            "per-token logits (B, L, V) must be flattened to (B * L, V) first."
+        )
+
+
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     r"""Entropy of ``softmax(logits)`` over the last dim, divided by ``log C``: a value in [0, 1].
 
@@ -41,14 +55,13 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
 
     0 for a one-hot prediction, 1 for the uniform one, whatever the number of classes C.
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    entropy = entropy_from_log_probs(F.log_softmax(upcast(logits), dim=-1))
     return entropy / math.log(logits.shape[-1])
 
 
 def top_margin(logits: torch.Tensor) -> torch.Tensor:
     """``p_top1 - p_top2`` of ``softmax(logits)`` over the last dim, in [0, 1]."""
-    top2 = F.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    top2 = F.softmax(upcast(logits), dim=-1).topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
 
 
@@ -69,25 +82,26 @@ def teacher_weights(
         fixed_weights: K non-negative numbers (not all 0), for ``"fixed"``.
     """
     _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_stacked(logits)
+    logits = upcast(logits)
     k, b = logits.shape[0], logits.shape[1]
     if weighting == "mean":
-        return logits.new_full((k, b), 1.0 / k, dtype=torch.float32)
+        return logits.new_full((k, b), 1.0 / k)
     if weighting == "fixed":
         if fixed_weights is None or len(fixed_weights) != k:
             raise ValueError(
                 f"fixed weighting needs one weight per teacher: {k} teachers, got "
                 f"{None if fixed_weights is None else len(fixed_weights)} weights"
             )
-        w = torch.as_tensor(fixed_weights, dtype=torch.float32, device=logits.device)
+        w = torch.as_tensor(fixed_weights, dtype=logits.dtype, device=logits.device)
         if (w < 0).any() or not w.sum() > 0:
             raise ValueError(f"fixed teacher weights must be >= 0 and not all 0, got {w.tolist()}")
         return (w / w.sum()).unsqueeze(1).expand(k, b).clone()
-    probs = F.softmax(logits.float(), dim=-1)
+    log_probs = F.log_softmax(logits, dim=-1)
     if weighting == "confidence":
-        confidence = probs.amax(dim=-1)
+        confidence = log_probs.exp().amax(dim=-1)
         return confidence / confidence.sum(dim=0, keepdim=True)
-    entropy = -(probs * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
-    return F.softmax(-entropy, dim=0)
+    return F.softmax(-entropy_from_log_probs(log_probs), dim=0)
 
 
 def purification_mask(
@@ -107,6 +121,7 @@ def purification_mask(
     - ``"both"``: either reason drops it. ``"none"``: keep everything.
     """
     _check_choice("purify", purify, PURIFY_MODES)
+    _check_stacked(logits)
     keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
     if purify in ("wrong", "both") and target is not None:
         wrong = (logits.argmax(dim=-1) != target.unsqueeze(0)) & (target != IGNORE_INDEX)
@@ -131,13 +146,25 @@ def combine_teachers(
       teachers' predictions (at T != 1 the loss softens the mixture, not each teacher).
 
     The weights are used as given (rows are not renormalised here).
+
+    ``-inf`` logits (masked classes): a teacher of weight 0 contributes nothing (never
+    ``0 * -inf``). In ``"logits"`` space a class that any teacher of positive weight masks is
+    ``-inf`` in the mixture (a weighted geometric mean of the distributions gives it 0); in
+    ``"probabilities"`` space it is ``-inf`` only where every teacher of positive weight
+    gives it probability 0 (the log of an exact 0 is ``-inf``, a probability of 0 downstream).
     """
     _check_choice("space", space, COMBINE_SPACES)
-    w = weights.float().unsqueeze(-1)
+    _check_stacked(logits)
+    if weights.shape != logits.shape[:2]:
+        raise ValueError(
+            f"teacher weights {tuple(weights.shape)} must be (K, B) for teacher logits "
+            f"{tuple(logits.shape)} (K teachers, B samples)."
+        )
+    logits = upcast(logits)
+    w = upcast(weights).unsqueeze(-1)
     if space == "logits":
-        return (w * logits.float()).sum(dim=0)
-    mixed = (w * F.softmax(logits.float(), dim=-1)).sum(dim=0)
-    return mixed.clamp_min(torch.finfo(torch.float32).tiny).log()
+        return torch.where(w != 0, w * logits, 0.0).sum(dim=0)
+    return (w * F.softmax(logits, dim=-1)).sum(dim=0).log()
 
 
 def ensemble_teacher_logits(

@@ -13,7 +13,7 @@ Stateless cores of :mod:`kd_lightning.losses.feature`.
 Features arrive already connected (a connector from :mod:`kd_lightning.features` maps the
 student's shape to the teacher's where a loss needs equal shapes). Shape problems raise a
 ``ValueError`` that names the fix; they are visible at the first step, not deep in training.
-Normalisations run in float32 and teacher tensors are detached.
+Normalisations run in float32 (float64 for float64 inputs) and teacher tensors are detached.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.functional._precision import full_precision
+from kd_lightning.functional._precision import full_precision, upcast
+from kd_lightning.functional._shapes import check_same_shape
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -45,18 +46,21 @@ def fitnets_hint(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         student: connected student features, any shape ``(B, ...)``.
         teacher: teacher hint, same shape.
     """
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"FitNets hint: student {_shape(student)} and teacher {_shape(teacher)} differ. "
-            "Put a connector (kd_lightning.features) on the student feature so that it "
-            "produces the teacher's shape."
-        )
-    return F.mse_loss(student.float(), teacher.detach().float())
+    check_same_shape(
+        student,
+        teacher,
+        "FitNets hint",
+        what="features",
+        layout="(B, ...)",
+        fix="Put a connector (kd_lightning.features) on the student feature so that it "
+        "produces the teacher's shape.",
+    )
+    return F.mse_loss(upcast(student), upcast(teacher.detach()))
 
 
 def _attention_map(feature: torch.Tensor, p: float, channel_dim: int) -> torch.Tensor:
     """``normalize(mean_c |A_c|^p)``, flattened to ``(B, positions)``."""
-    amap = feature.float().abs().pow(p).mean(dim=channel_dim)
+    amap = upcast(feature).abs().pow(p).mean(dim=channel_dim)
     return F.normalize(amap.flatten(1), dim=1)
 
 
@@ -107,7 +111,7 @@ def attention_transfer(
 
 def _selectivity(feature: torch.Tensor) -> torch.Tensor:
     """``(B, C, HW)`` with each channel's spatial map L2-normalised."""
-    return F.normalize(feature.float().flatten(2), dim=2)
+    return F.normalize(upcast(feature).flatten(2), dim=2)
 
 
 def neuron_selectivity_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -159,8 +163,8 @@ def _fsp_matrix(first: torch.Tensor, second: torch.Tensor, who: str) -> torch.Te
             "batch and spatial size (H, W). Hook two layers of the same resolution, or pool "
             "the larger map (the paper pairs layers within one stage)."
         )
-    f1 = first.float().flatten(2)
-    f2 = second.float().flatten(2)
+    f1 = upcast(first).flatten(2)
+    f2 = upcast(second).flatten(2)
     with full_precision(f1):
         return torch.bmm(f1, f2.transpose(1, 2)) / f1.shape[2]
 
@@ -226,17 +230,22 @@ def variational_information(
         log_variance: :math:`\log\sigma^2_c` per channel, shape ``(C_t,)`` (the module computes
             it from ``softplus(alpha) + eps``).
     """
-    if mean.shape != teacher.shape:
-        raise ValueError(
-            f"VID: regressed student {_shape(mean)} and teacher {_shape(teacher)} differ; they "
-            "must share batch, channel and spatial sizes."
-        )
+    check_same_shape(
+        mean,
+        teacher,
+        "VID",
+        what="features",
+        layout="(B, C_t, ...)",
+        fix="The regressed student mean must share batch, channel and spatial sizes with the "
+        "teacher feature: hook layers of equal resolution or pool the student feature.",
+        min_dim=2,
+    )
     if log_variance.shape != (teacher.shape[1],):
         raise ValueError(
             f"VID: one variance per teacher channel expected, got {_shape(log_variance)} for "
             f"teacher {_shape(teacher)}."
         )
     view = (1, -1) + (1,) * (teacher.dim() - 2)
-    log_var = log_variance.float().view(view)
-    diff = teacher.detach().float() - mean.float()
+    log_var = upcast(log_variance).view(view)
+    diff = upcast(teacher.detach()) - upcast(mean)
     return 0.5 * (log_var + diff.pow(2) * torch.exp(-log_var)).mean()

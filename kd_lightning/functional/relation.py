@@ -9,9 +9,10 @@ Stateless cores of :mod:`kd_lightning.losses.relation`.
   Transfer".
 
 Features of any shape ``(B, ...)`` are flattened to ``(B, D)``; student and teacher may have
-different D because only ``B x B`` (or ``B x B x B``) relation tensors are compared. The
-relation tensors are computed in float32 with autocast disabled (a matmul in bfloat16 loses
-the small differences these losses are made of). Teacher tensors are detached.
+different D because only ``B x B`` (or ``B x B x B``) relation tensors are compared; a different
+B is a ``ValueError``. The relation tensors are computed in float32 (float64 for float64 inputs)
+with autocast disabled (a matmul in bfloat16 loses the small differences these losses are made
+of). Teacher tensors are detached.
 """
 
 from __future__ import annotations
@@ -21,20 +22,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.functional._precision import full_precision
+from kd_lightning.functional._precision import full_precision, upcast
+from kd_lightning.functional._shapes import check_same_batch
 
 CC_KERNEL_CHOICES = ("gaussian", "bilinear")
+PKT_FORMS = ("paper", "authors_code")
 
 
 def _flatten_pair(
     student: torch.Tensor, teacher: torch.Tensor, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if student.dim() < 2 or teacher.dim() < 2 or student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"{name} compares relations inside one batch: student {tuple(student.shape)} and "
-            f"teacher {tuple(teacher.shape)} must be (B, ...) with the same B."
-        )
-    return student.float().flatten(1), teacher.detach().float().flatten(1)
+    check_same_batch(student, teacher, name)
+    return upcast(student).flatten(1), upcast(teacher.detach()).flatten(1)
 
 
 def _pairwise_distances(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -181,16 +180,24 @@ def correlation_congruence(
     return (c_t - c_s).pow(2).mean()
 
 
-def _pkt_conditional(x: torch.Tensor) -> torch.Tensor:
-    """``p[i, j] = K(x_i, x_j) / sum_{k != i} K(x_i, x_k)`` with the diagonal set to 0."""
-    x = F.normalize(x, dim=1)
+def _pkt_conditional(x: torch.Tensor, keep_self: bool, eps: float) -> torch.Tensor:
+    """Row-normalised cosine kernel ``(cos + 1) / 2``; the diagonal is 0 unless ``keep_self``.
+
+    With ``keep_self`` (the authors' code) each vector is divided by ``norm + eps`` (a zero
+    vector stays zero); otherwise by ``max(norm, tiny)``.
+    """
+    if keep_self:
+        x = x / (x.norm(dim=1, keepdim=True) + eps)
+    else:
+        x = F.normalize(x, dim=1)
     kernel = 0.5 * (x @ x.T + 1.0)
-    kernel = kernel * (1.0 - torch.eye(x.shape[0], device=x.device, dtype=x.dtype))
+    if not keep_self:
+        kernel = kernel * (1.0 - torch.eye(x.shape[0], device=x.device, dtype=x.dtype))
     return kernel / kernel.sum(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def probabilistic_knowledge_transfer(
-    student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7
+    student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7, form: str = "paper"
 ) -> torch.Tensor:
     r"""Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018), cosine-similarity kernel.
 
@@ -199,24 +206,52 @@ def probabilistic_knowledge_transfer(
 
     .. math:: p_{j|i} = \frac{K(x_i, x_j)}{\sum_{k \ne i} K(x_i, x_k)},\quad j \ne i
 
-    of teacher (:math:`p^t`) and student (:math:`p^s`),
+    of teacher (:math:`p^t`) and student (:math:`p^s`), ``form="paper"`` (default) computes
 
     .. math::
         \mathcal{L}_{PKT} = \frac{1}{B}\sum_i \sum_{j \ne i} p^t_{j|i}
         \log\frac{p^t_{j|i}}{p^s_{j|i}}
 
-    i.e. KL(teacher || student) of each sample's neighbour distribution. The paper sums over i;
-    here it is averaged over i (the batch) so the scale does not grow with B. ``eps`` floors
-    the student probability inside the log (the cosine kernel can reach 0).
+    i.e. KL(teacher || student) of each sample's neighbour distribution, as the paper defines
+    it (a sample is not its own neighbour). The paper sums over i; here it is averaged over i
+    (the batch) so the scale does not grow with B. ``eps`` floors the student probability
+    inside the log (the cosine kernel can reach 0).
+
+    ``form="authors_code"`` reproduces the authors' released implementation
+    (``passalis/probabilistic_kt``, copied by CRD's and torchdistill's benchmarks), which
+    differs in three ways: each sample keeps its similarity with itself (:math:`K(x_i, x_i)
+    = 1`, so :math:`j` runs over all B samples and the rows are normalised over all of them),
+    the sum over the :math:`B \times B` entries is divided by :math:`B^2` (a mean over the
+    matrix), and the ratio is smoothed, :math:`\log\frac{p^t_{j|i} + \epsilon}{p^s_{j|i} +
+    \epsilon}`, with the vectors normalised by :math:`\lVert x\rVert + \epsilon`:
+
+    .. math::
+        \mathcal{L}_{code} = \frac{1}{B^2}\sum_{i}\sum_{j} \tilde p^t_{j|i}
+        \log\frac{\tilde p^t_{j|i} + \epsilon}{\tilde p^s_{j|i} + \epsilon},\quad
+        \tilde p_{j|i} = \frac{K(x_i, x_j)}{\sum_k K(x_i, x_k)}
+
+    Use it to reuse weights tuned on that code (e.g. the 30000 of CRD's benchmark): the
+    paper form is about B times larger for the same features (one 1/B fewer) and has no
+    self-similarity mass, so such a weight does not carry over.
 
     Args:
         student: student features ``(B, ...)``; B >= 2.
         teacher: teacher features ``(B, ...)``.
-        eps: floor of :math:`p^s` inside the logarithm.
+        eps: ``"paper"``: floor of :math:`p^s` inside the logarithm; ``"authors_code"``: the
+            :math:`\epsilon` above (authors: 1e-7).
+        form: ``"paper"`` or ``"authors_code"``.
+
+    Returns:
+        scalar (float32, or float64 for float64 inputs).
     """
+    if form not in PKT_FORMS:
+        raise ValueError(f"form must be one of {PKT_FORMS}, got {form!r}.")
     s, t = _flatten_pair(student, teacher, "PKT")
+    keep_self = form == "authors_code"
     with full_precision(s):
-        p_s = _pkt_conditional(s)
-        p_t = _pkt_conditional(t)
+        p_s = _pkt_conditional(s, keep_self, eps)
+        p_t = _pkt_conditional(t, keep_self, eps)
+    if keep_self:
+        return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
     kl = torch.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(eps))
     return kl.sum(dim=1).mean()

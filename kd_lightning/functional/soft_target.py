@@ -1,14 +1,19 @@
 """Response-based knowledge: soft targets, hard labels, logit matching (stateless functions).
 
 These are the private cores that the loss modules in :mod:`kd_lightning.losses.soft_target`
-wrap. Softmax and log-softmax always run in float32, whatever the autocast dtype: at
-temperature T the logits are divided by T and small probabilities matter to the KL.
+wrap. Softmax and log-softmax run in float32 for float16/bfloat16 inputs, whatever the autocast
+dtype (at temperature T the logits are divided by T and small probabilities matter to the KL);
+float64 inputs stay float64. A teacher logit of ``-inf`` is a probability of 0, never a NaN.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kd_lightning.functional._divergence import kl_from_log_probs, softened_log_probs
+from kd_lightning.functional._precision import upcast
+from kd_lightning.functional._shapes import check_same_shape
 
 IGNORE_INDEX = -1
 """Target value of a transfer-set sample that carries no label."""
@@ -20,25 +25,32 @@ def soft_target_kl(
     r"""Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
 
     .. math::
-        \mathcal{L}_{KD} = T^2 \cdot \frac{1}{B} \sum_b \mathrm{KL}\big(p^{(b)} \,\|\, q^{(b)}\big),
+        \mathcal{L}_{KD} = T^2 \cdot \frac{1}{N} \sum_n \mathrm{KL}\big(p^{(n)} \,\|\, q^{(n)}\big),
         \quad p = \mathrm{softmax}(v / T),\ q = \mathrm{softmax}(z / T)
 
-    with teacher logits ``v`` and student logits ``z``. The gradient of the KL with respect to a
-    student logit is :math:`(q_i - p_i) / T`; the :math:`T^2` factor keeps the soft-target
-    gradient magnitude independent of T (Hinton et al. 2015, section 2).
+    with teacher logits ``v`` and student logits ``z``, over the N rows (samples, or tokens of
+    ``(B, L, V)`` logits). The gradient of the KL with respect to a student logit is
+    :math:`(q_i - p_i) / T`; the :math:`T^2` factor keeps the soft-target gradient magnitude
+    independent of T (Hinton et al. 2015, section 2).
+
+    A teacher logit of ``-inf`` (a masked class) is :math:`p_i = 0` and its term
+    :math:`0 \log(0 / q_i)` is 0: the student is pulled away from that class only through the
+    normalisation of ``q``.
 
     Args:
-        student: student logits, shape ``(B, C)``.
-        teacher: teacher logits, shape ``(B, C)``.
+        student: student logits, shape ``(B, C)`` or ``(B, L, V)``.
+        teacher: teacher logits, the same shape (else ``ValueError``).
         temperature: softening temperature T > 0.
         scale_by_t2: multiply by T^2 as the paper prescribes.
 
     Returns:
-        scalar: batch-mean KL(teacher || student), times T^2.
+        scalar: mean over rows of KL(teacher || student), times T^2; float32, or float64 for
+        float64 inputs.
     """
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    check_same_shape(student, teacher, "Soft-target KL")
+    log_q = softened_log_probs(student, temperature)
+    log_p = softened_log_probs(teacher.detach(), temperature)
+    kl = kl_from_log_probs(log_p, log_q).mean()
     return kl * temperature**2 if scale_by_t2 else kl
 
 
@@ -49,8 +61,9 @@ def hard_label_cross_entropy(student: torch.Tensor, target: torch.Tensor) -> tor
 
     over the labeled samples L of the batch. A batch with no labeled sample gives 0 (with a
     gradient path), never NaN, so unlabeled-only batches of a transfer set stay harmless.
+    Computed in float32 for low-precision logits, float64 for float64.
     """
-    logits = student.float()
+    logits = upcast(student)
     labeled = target != IGNORE_INDEX
     per_sample = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
     # Sum / count without a host sync: no data-dependent indexing.
@@ -61,10 +74,29 @@ def hard_label_cross_entropy(student: torch.Tensor, target: torch.Tensor) -> tor
 def logit_matching_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     r"""Ba & Caruana (2014), "Do Deep Nets Really Need to be Deep?": regress the logits.
 
-    .. math:: \mathcal{L}_{MSE} = \frac{1}{2B} \sum_b \lVert z^{(b)} - v^{(b)} \rVert_2^2
+    The paper's objective (their section 2.3) over N training rows is
 
-    The 1/2 makes the gradient exactly :math:`z_i - v_i`, the high-temperature limit of the
-    soft-target gradient times :math:`N T^2` for zero-mean logits (Hinton et al. 2015, sec. 2.1).
+    .. math:: \mathcal{L} = \frac{1}{2N} \sum_n \lVert z^{(n)} - v^{(n)} \rVert_2^2
+
+    i.e. half the squared error *summed* over the C classes, averaged over rows: C/2 times the
+    element-wise ``mean((z - v)^2)``. This is computed as written. The 1/2 makes the gradient
+    exactly :math:`(z_i - v_i)/N`, which is C times the high-temperature limit of the
+    (T^2-scaled) soft-target gradient for zero-mean logits (Hinton et al. 2015, section 2.1).
+
+    A teacher logit of ``-inf`` marks a class that is not part of the output (a masked or padded
+    vocabulary entry): there is no logit to regress, so that entry contributes nothing to the
+    sum and the student's logit there gets no gradient.
+
+    Args:
+        student: student logits ``(B, C)`` or ``(B, L, V)``.
+        teacher: teacher logits, the same shape.
+
+    Returns:
+        scalar (float32, or float64 for float64 inputs).
     """
-    diff = student.float() - teacher.detach().float()
-    return 0.5 * diff.pow(2).sum(dim=-1).mean()
+    check_same_shape(student, teacher, "Logit matching")
+    v = upcast(teacher.detach())
+    masked = v == float("-inf")
+    diff = upcast(student) - torch.where(masked, torch.zeros_like(v), v)
+    squared = torch.where(masked, torch.zeros_like(diff), diff.pow(2))
+    return 0.5 * squared.sum(dim=-1).mean()

@@ -26,12 +26,17 @@ Why this form:
   :math:`j \notin S`: the teacher's tail mass is spread over the student's tail classes in
   proportion to the student's own tail probabilities, the least informative assumption about
   how the teacher's tail is shaped.
+
+A ``-inf`` teacher log-probability (a masked class that made it into the top k) is a
+probability of 0 and contributes 0, as does an empty rest bucket.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kd_lightning.functional._divergence import kl_from_log_probs, softened_log_probs
+from kd_lightning.functional._precision import upcast
 
 
 def topk_log_probs(
@@ -40,14 +45,15 @@ def topk_log_probs(
     """Sparse teacher knowledge: the ``k`` largest ``log_softmax(v / T)`` values and their class indices.
 
     Args:
-        teacher: teacher logits, shape ``(B, C)``.
-        k: classes kept per sample (clipped to C).
+        teacher: teacher logits, shape ``(B, C)`` or ``(B, L, V)``.
+        k: classes kept per row (clipped to C).
         temperature: temperature T of the stored log-probabilities.
 
     Returns:
-        ``(values, indices)``, each ``(B, min(k, C))``, sorted by decreasing probability.
+        ``(values, indices)``, each ``(..., min(k, C))``, sorted by decreasing probability;
+        values in float32 (float64 for float64 logits).
     """
-    log_p = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    log_p = softened_log_probs(teacher.detach(), temperature)
     return log_p.topk(min(k, log_p.shape[-1]), dim=-1)
 
 
@@ -61,38 +67,48 @@ def sparse_soft_target_kl(
     r"""KL over the teacher's top-k classes plus one bucket for the rest (module docstring).
 
     Args:
-        student: student logits, shape ``(B, C)``.
+        student: student logits, shape ``(B, C)`` or ``(B, L, V)``.
         teacher_values: the teacher's log-probabilities at ``temperature`` of its top-k classes,
-            ``(B, k)`` (from :func:`topk_log_probs` or a teacher cache built at the same T).
-        teacher_indices: the classes of those values, long ``(B, k)``, distinct per row.
+            ``(B, k)`` or ``(B, L, k)`` (from :func:`topk_log_probs` or a teacher cache built at
+            the same T).
+        teacher_indices: the classes of those values, long, the same shape, distinct per row.
         temperature: softening temperature T > 0 (the one the values were computed at).
         scale_by_t2: multiply by T^2 (Hinton et al. 2015).
 
     Returns:
-        scalar: batch mean, times T^2.
+        scalar: mean over rows, times T^2 (float32, or float64 for float64 inputs).
     """
-    if teacher_values.shape != teacher_indices.shape or teacher_values.dim() != 2:
+    if teacher_values.shape != teacher_indices.shape or teacher_values.dim() < 1:
         raise ValueError(
-            "teacher_values and teacher_indices must both be (B, k); got "
-            f"{tuple(teacher_values.shape)} and {tuple(teacher_indices.shape)}"
+            "Sparse soft-target KL: teacher_values and teacher_indices must have the same shape "
+            f"(..., k); got {tuple(teacher_values.shape)} and {tuple(teacher_indices.shape)}. "
+            "Pass the (values, indices) pair of one top-k cache entry."
+        )
+    if student.shape[:-1] != teacher_values.shape[:-1]:
+        raise ValueError(
+            f"Sparse soft-target KL: student logits {tuple(student.shape)} and teacher top-k "
+            f"values {tuple(teacher_values.shape)} must share every dimension but the last "
+            "(student (..., C) against teacher (..., k)). Squeeze or reshape the side with the "
+            "extra dimension, or rebuild the cache for this data."
         )
     num_classes, k = student.shape[-1], teacher_values.shape[-1]
     if k > num_classes:
         raise ValueError(
-            f"the teacher has {k} top-k entries but the student only {num_classes} classes"
+            f"Sparse soft-target KL: the teacher has {k} top-k entries but the student only "
+            f"{num_classes} classes. Build the cache with topk <= {num_classes}, or check that "
+            "teacher and student share the class set."
         )
-    scaled = student.float() / temperature
-    log_normaliser = torch.logsumexp(scaled, dim=-1)
+    scaled = upcast(student) / temperature
+    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
     indices = teacher_indices.long()
-    log_q_top = scaled.gather(-1, indices) - log_normaliser[:, None]
-    log_p_top = teacher_values.detach().float()
-    p_top = log_p_top.exp()
-    kl = (p_top * (log_p_top - log_q_top)).sum(dim=-1)
+    log_q_top = scaled.gather(-1, indices) - log_normaliser
+    log_p_top = upcast(teacher_values.detach())
+    kl = kl_from_log_probs(log_p_top, log_q_top)
     if k < num_classes:
         # The rest bucket: the teacher's remaining mass against the student's mass off S.
-        p_rest = (1.0 - p_top.sum(dim=-1)).clamp_min(0.0)
+        p_rest = (1.0 - log_p_top.exp().sum(dim=-1, keepdim=True)).clamp_min(0.0)
         off_top = scaled.scatter(-1, indices, float("-inf"))
-        log_q_rest = torch.logsumexp(off_top, dim=-1) - log_normaliser
-        kl = kl + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+        log_q_rest = torch.logsumexp(off_top, dim=-1, keepdim=True) - log_normaliser
+        kl = kl + kl_from_log_probs(p_rest.log(), log_q_rest)
     kl = kl.mean()
     return kl * temperature**2 if scale_by_t2 else kl

@@ -1,7 +1,8 @@
 """Loss modules (pure torch, never imports lightning).
 
 Contract: ``forward(*, student, teacher, target=None)``, keyword-only, student first, a scalar
-out; softmax in float32; the teacher is detached. Weights and warm-up live in
+out; softmax in float32 (float64 stays float64); a teacher logit of ``-inf`` is a probability
+of 0; student and teacher shapes are checked; the teacher is detached. Weights and warm-up live in
 :class:`kd_lightning.methods.LossTerm`.
 """
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.functional._precision import upcast
 from kd_lightning.functional.contrastive import _crd_core, sample_negatives
 
 
@@ -97,7 +98,7 @@ class CRDLoss(nn.Module):
                 f"values per sample but {name}_dim={head.in_features}. Set {name}_dim to the "
                 "product of its non-batch dimensions."
             )
-        return F.normalize(head(x.to(head.weight.dtype)).float(), dim=1)
+        return F.normalize(upcast(head(x.to(head.weight.dtype))), dim=1)
 
     def forward(
         self,

@@ -5,9 +5,9 @@ Yim et al. (CVPR 2017), Ahn et al. (CVPR 2019). Equations are in the functional 
 (:mod:`kd_lightning.functional.feature`).
 
 Contract of :mod:`kd_lightning.losses`: ``forward(*, student, teacher, target=None)``,
-keyword-only, student first, returning a float32 scalar. The features arrive as captured by
-:mod:`kd_lightning.features` and, where the loss needs equal shapes, already passed through a
-connector. Only :class:`VIDLoss` owns trainable parameters (its regressor and variances are
+keyword-only, student first, returning a float32 scalar (float64 for float64 inputs). The
+features arrive as captured by :mod:`kd_lightning.features` and, where the loss needs equal
+shapes, already passed through a connector. Only :class:`VIDLoss` owns trainable parameters (its regressor and variances are
 part of the paper's objective), so the method must hand its parameters to the optimizer.
 """
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.functional._precision import upcast
 from kd_lightning.functional.feature import (
     attention_transfer,
     fitnets_hint,
@@ -180,7 +181,7 @@ class VIDLoss(nn.Module):
 
     def variance(self) -> torch.Tensor:
         """Per-channel variance ``softplus(alpha) + eps``, shape ``(teacher_channels,)``."""
-        return F.softplus(self.alpha.float()) + self.eps
+        return F.softplus(upcast(self.alpha)) + self.eps
 
     def forward(
         self, *, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None

@@ -5,10 +5,10 @@ Tefas (ECCV 2018). Equations are in the functional twins
 (:mod:`kd_lightning.functional.relation`).
 
 Contract of :mod:`kd_lightning.losses`: ``forward(*, student, teacher, target=None)``,
-keyword-only, student first, returning a float32 scalar. Inputs are ``(B, ...)`` features
-(flattened to ``(B, D)``); student and teacher widths may differ, batch sizes may not. These
-losses compare samples of one batch with each other, so they need B >= 2 (and more to be
-informative).
+keyword-only, student first, returning a float32 scalar (float64 for float64 inputs). Inputs
+are ``(B, ...)`` features (flattened to ``(B, D)``); student and teacher widths may differ,
+batch sizes may not. These losses compare samples of one batch with each other, so they need
+B >= 2 (and more to be informative).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from kd_lightning.functional.relation import (
     CC_KERNEL_CHOICES,
+    PKT_FORMS,
     correlation_congruence,
     probabilistic_knowledge_transfer,
     relational_kd,
@@ -119,21 +120,38 @@ class PKTLoss(nn.Module):
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018).
 
     Each sample's distribution over its batch neighbours, from the cosine-similarity kernel
-    ``(cos + 1) / 2``, is matched with ``KL(teacher || student)``, averaged over the batch.
+    ``(cos + 1) / 2``, is matched with ``KL(teacher || student)``.
+
+    Two forms (equations in :func:`kd_lightning.functional.probabilistic_knowledge_transfer`):
+
+    - ``"paper"`` (default): the paper's definition, a sample is not its own neighbour, the KL
+      summed over neighbours and averaged over the batch.
+    - ``"authors_code"``: the authors' released code, which keeps each sample's similarity with
+      itself, smooths the log ratio with ``eps`` and divides the sum by ``B^2``. Choose it to
+      reuse a weight tuned on that code (e.g. 30000 in CRD's benchmark); with the paper form
+      such a weight is roughly B times too large.
 
     Args:
-        eps: floor of the student probability inside the logarithm.
+        eps: ``"paper"``: floor of the student probability inside the logarithm;
+            ``"authors_code"``: the smoothing constant (authors: 1e-7).
+        form: ``"paper"`` or ``"authors_code"``.
     """
 
     uses_teacher = True
 
-    def __init__(self, eps: float = 1e-7) -> None:
+    def __init__(self, eps: float = 1e-7, form: str = "paper") -> None:
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}. Use e.g. eps: 1.0e-7.")
+        if form not in PKT_FORMS:
+            raise ValueError(
+                f"form must be one of {PKT_FORMS}, got {form!r}: 'paper' for the paper's "
+                "equation, 'authors_code' to match weights tuned on the authors' code."
+            )
         self.eps = float(eps)
+        self.form = form
 
     def forward(
         self, *, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return probabilistic_knowledge_transfer(student, teacher, self.eps)
+        return probabilistic_knowledge_transfer(student, teacher, self.eps, self.form)

@@ -1,7 +1,8 @@
 """Response-based loss modules: DKD (Zhao et al. 2022), logit standardization (Sun et al. 2024), DIST (Huang et al. 2022).
 
 Contract of :mod:`kd_lightning.losses`: ``forward(*, student, teacher, target=None)``,
-keyword-only, student first, returning a float32 scalar. Equations are in the functional twins
+keyword-only, student first, returning a float32 scalar (float64 for float64 inputs).
+Equations are in the functional twins
 (:mod:`kd_lightning.functional.response`). Term weights and warm-up live in the loss term that
 wraps a loss, not here: DKD's ``alpha``/``beta`` and DIST's ``beta``/``gamma`` are part of
 those papers' equations, but DKD's warm-up ``min(epoch / warmup, 1)`` is the wrapper's job.
@@ -85,28 +86,37 @@ class DKDLoss(nn.Module):
 class LogitStandardizationKDLoss(nn.Module):
     """KD on Z-score standardised logits (Sun et al., CVPR 2024, "Logit Standardization in KD").
 
-    Each sample's logits, teacher's and student's, are shifted to zero mean and divided by
-    their standard deviation times a base temperature before the softened KL; the loss is
-    scaled by the base temperature squared.
+    Each row of logits, teacher's and student's, is shifted to zero mean and divided by its
+    standard deviation (plus ``eps``) times a base temperature before the softened KL; the loss
+    is scaled by the base temperature squared. The standard deviation is the unbiased one
+    (``1/(C-1)``) of the authors' released code by default; the functional twin
+    (:func:`kd_lightning.functional.logit_standardization_kd`) explains the choice. A ``-inf``
+    teacher logit is a masked class: the statistics use the finite entries, and its
+    probability is 0.
 
     Args:
-        temperature: base temperature tau > 0.
-        eps: added to the standard deviation to guard constant logits.
+        temperature: base temperature tau > 0 (authors: 2 on CIFAR-100).
+        eps: added to the standard deviation to guard constant logits (authors: 1e-7).
+        unbiased: ``True`` (authors' code) for the ``1/(C-1)`` standard deviation, ``False``
+            for the population (``1/C``) one.
     """
 
     uses_teacher = True
 
-    def __init__(self, temperature: float = 2.0, eps: float = 1e-7) -> None:
+    def __init__(self, temperature: float = 2.0, eps: float = 1e-7, unbiased: bool = True) -> None:
         super().__init__()
         self.temperature = _check_positive(
             "temperature", temperature, "Use e.g. temperature: 2.0 (the base temperature)."
         )
         self.eps = _check_positive("eps", eps, "Use e.g. eps: 1.0e-7.")
+        if not isinstance(unbiased, bool):
+            raise ValueError(f"unbiased must be true or false, got {unbiased!r}.")
+        self.unbiased = unbiased
 
     def forward(
         self, *, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return logit_standardization_kd(student, teacher, self.temperature, self.eps)
+        return logit_standardization_kd(student, teacher, self.temperature, self.eps, self.unbiased)
 
 
 class DISTLoss(nn.Module):

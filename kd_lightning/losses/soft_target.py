@@ -20,6 +20,10 @@ from kd_lightning.functional.soft_target import (
 class SoftTargetKLLoss(nn.Module):
     """Soft-target distillation: ``T^2 * KL(softmax(v/T) || softmax(z/T))`` (Hinton et al. 2015).
 
+    Logits ``(B, C)`` or ``(B, L, V)``, student and teacher of one shape (else ``ValueError``);
+    the KL is averaged over rows. A teacher logit of ``-inf`` (a masked class) is a probability
+    of 0 and its term is 0.
+
     Args:
         temperature: softening temperature T; must be > 0. Hinton et al. use 1-20; CIFAR
             protocols use 4.
@@ -56,7 +60,13 @@ class HardLabelCrossEntropy(nn.Module):
 
 
 class LogitMatchingMSELoss(nn.Module):
-    """Logit regression ``1/2 ||z - v||^2`` (Ba & Caruana 2014): Hinton's high-temperature limit."""
+    """Logit regression (Ba & Caruana 2014), Hinton's high-temperature limit.
+
+    ``mean over rows of 1/2 * sum_c (z_c - v_c)^2``, the paper's objective: C/2 times the
+    element-wise ``mean((z - v)^2)``. Logits ``(B, C)`` or ``(B, L, V)``, one shape for both. A
+    teacher logit of ``-inf`` marks a class outside the output: that entry is left out of the
+    sum (nothing to regress).
+    """
 
     uses_teacher = True
 

@@ -21,11 +21,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from kd_lightning.artifact import CHECKPOINT_KEY, read_checkpoint, student_record
-from kd_lightning.data.batch import batch_size_of, normalise_batch
+from kd_lightning.data.batch import batch_size, example_batch, normalise_batch
 from kd_lightning.features import FeatureCapture
+from kd_lightning.data.batch import check_targets
 from kd_lightning.methods.checks import (
     check_class_count,
-    check_targets,
     rng_state,
     set_rng_state,
     untouched,
@@ -295,7 +295,7 @@ class DistillationModule(L.LightningModule):
         losses = self.compute_losses(knowledge, batch, stage)
         if stage == "train":
             self.nonfinite.record(losses)
-        size = batch_size_of(batch)
+        size = batch_size(batch)
         logged = {
             f"{stage}/loss" if k == "loss" else f"{stage}/loss_{k}": v.detach()
             for k, v in losses.items()
@@ -340,10 +340,15 @@ class DistillationModule(L.LightningModule):
                 f"{data_classes} classes; set model.init_args.num_classes to {data_classes} "
                 "(the CLI links it from data.num_classes when you leave it out)"
             )
-        if datamodule is not None and hasattr(datamodule, "example_batch"):
-            example = datamodule.example_batch()
-            if example is not None:
-                self.check_example(example, stage)
+        if datamodule is None:
+            return  # plain DataLoaders: the first batch is checked before the first step
+        if stage == "fit" or hasattr(datamodule, "example_batch"):
+            rng = rng_state()  # a shuffling loader draws a seed: the run must not notice
+            try:
+                example = example_batch(datamodule)
+            finally:
+                set_rng_state(rng)
+            self.check_example(example, stage)
 
     def check_example(self, batch: Any, stage: str = "fit") -> None:
         """Start-up checks on one example batch, before any step; changes no state.
@@ -435,7 +440,8 @@ class DistillationModule(L.LightningModule):
         spec = self.model_specs.get(top)
         if isinstance(spec, list):
             spec = spec[int(path.split(".")[1])]
-        checkpoint[CHECKPOINT_KEY] = {
+        # Callbacks wrote first (the QAT callback's compression record): merge, never replace.
+        checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
             "format": 2,
             "student_spec": spec if spec is not None else model_spec(self.exported),
             "student_prefix": f"{path}.",
@@ -443,7 +449,7 @@ class DistillationModule(L.LightningModule):
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
             "init_specs": self.init_specs(),
             "rng": rng_state(),
-        }
+        })  # fmt: skip
 
     def init_specs(self) -> dict[str, Any]:
         """Specs of every module argument that can be rebuilt (for :meth:`load_from_checkpoint`)."""
@@ -462,9 +468,9 @@ class DistillationModule(L.LightningModule):
         if prefixes:
             own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
             checkpoint["state_dict"].update(own)
-        from kd_lightning.callbacks.pruning import install_pruning_for_state_dict
+        from kd_lightning.compression.loading import compression_record, prepare_for_state_dict
 
-        install_pruning_for_state_dict(self, checkpoint["state_dict"])
+        prepare_for_state_dict(self, checkpoint["state_dict"], compression_record(checkpoint))
         record = checkpoint.get(CHECKPOINT_KEY, {})
         if "rng" in record and self._trainer is not None:
             set_rng_state(record["rng"])  # resume draws the numbers an unbroken run draws

@@ -74,21 +74,3 @@ def check_class_count(name: str, logits: torch.Tensor, num_classes: int | None) 
             "this data)"
         )
     return classes
-
-
-def check_targets(target: Any, num_classes: int | None) -> None:
-    """Labels must be long class indices in ``[0, num_classes)`` or negative (unlabeled/masked)."""
-    if target is None:
-        return
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"batch 'target' must be a tensor, got {type(target).__name__}")
-    if target.is_floating_point() or target.dtype == torch.bool:
-        raise TypeError(
-            f"batch 'target' has dtype {target.dtype}; labels must be class indices of dtype "
-            "torch.long (convert one-hot or float labels with .argmax(-1) or .long())"
-        )
-    if num_classes is not None and target.numel() and int(target.max()) >= num_classes:
-        raise ValueError(
-            f"a label in the batch is {int(target.max())}, outside 0..{num_classes - 1}: the data "
-            f"has more classes than num_classes={num_classes}; set num_classes to match the data"
-        )

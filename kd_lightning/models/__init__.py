@@ -21,6 +21,7 @@ from kd_lightning.models.cifar import (
     WRN40x2,
     cifar_model,
 )
+from kd_lightning.models.dropout_mlp import DropoutMLP
 from kd_lightning.models.from_checkpoint import FromCheckpoint
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.small_cnn import SmallCNN
@@ -29,6 +30,7 @@ from kd_lightning.models.tiny_vit import TinyViT
 
 __all__ = [
     "CIFAR_MODELS",
+    "DropoutMLP",
     "FromCheckpoint",
     "MLP",
     "MobileNetV2",

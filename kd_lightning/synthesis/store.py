@@ -1,64 +1,50 @@
 """A synthesised transfer set in memory and on disk.
 
-The file is a ``torch.save`` of plain tensors and plain metadata (loadable with
-``weights_only=True``): the inputs, the teacher's logits on them, the class each input was made
-for, a digest of those three tensors, and the synthesis metadata (method, settings, the digest
-of the teacher that made it). Writes are atomic: the data goes to a temporary file in the same
-folder, is flushed to disk, and only then renamed over the destination, so a crash never leaves
-a half-written set under the final name. Loading checks the format tag, the shapes and the
-digest, and says what is wrong (and what to do) when a file is missing, truncated or altered.
+The file is a :mod:`kd_lightning.container` file (format ``kd_lightning.synthesised_set``):
+three arrays (the inputs, the teacher's logits on them, the class each input was made for) and
+a JSON header with the synthesis metadata (method, settings, the digest of the teacher that made
+it) and a digest of the three tensors. It cannot carry code. Writes are atomic (temporary file in
+the same folder, fsync, rename), so a crash never leaves a half-written set under the final
+name. Loading checks the format, the payload checksums, the shapes and the digest, and says
+what is wrong (and what to do) when a file is missing, truncated or altered.
+
+Sets saved by earlier versions (a ``torch.save`` of plain tensors) are still read, with
+``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from kd_lightning.teachers import FrozenTeacher
+from kd_lightning.container import ContainerError, is_container, read_tensors, write_tensors
+from kd_lightning.digest import module_digest, tensor_digest
 
 FORMAT = "kd_lightning.synthesised_set"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSION = 1
+"""Version of the ``torch.save`` files written before the shared container."""
+
+tensors_digest = tensor_digest
+"""The library's tensor digest (:func:`kd_lightning.digest.tensor_digest`)."""
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "SynthesisedSet",
+    "SynthesisedSetError",
+    "module_digest",
+    "tensors_digest",
+]
 
 
 class SynthesisedSetError(ValueError):
     """A synthesised-set file that cannot be used (corrupt, truncated, wrong format or shapes)."""
-
-
-def _update(digest: Any, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach().cpu().contiguous()
-    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-    if tensor.numel():
-        digest.update(tensor.flatten().view(torch.uint8).numpy())
-
-
-def tensors_digest(*tensors: torch.Tensor) -> str:
-    """``sha256:<hex>`` over the dtypes, shapes and bytes of ``tensors``."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        _update(digest, tensor)
-    return "sha256:" + digest.hexdigest()
-
-
-def module_digest(module: nn.Module) -> str:
-    """``sha256:<hex>`` over a module's state dict (names, dtypes, shapes, bytes).
-
-    A :class:`~kd_lightning.teachers.FrozenTeacher` and the network it wraps have the same
-    digest, so a set made from either is recognised as made by that teacher.
-    """
-    if isinstance(module, FrozenTeacher):
-        module = module.module
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        digest.update(name.encode())
-        _update(digest, value)
-    return "sha256:" + digest.hexdigest()
 
 
 @dataclass
@@ -106,38 +92,29 @@ class SynthesisedSet:
         return self.metadata.get("teacher_digest")
 
     def digest(self) -> str:
-        return tensors_digest(self.inputs, self.teacher_logits, self.classes)
+        """:func:`~kd_lightning.digest.tensor_digest` of inputs, logits (float32) and classes (long)."""
+        return tensor_digest(self.inputs, self.teacher_logits.float(), self.classes.long())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the set atomically (temporary file + fsync + rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": FORMAT,
-            "version": VERSION,
-            "inputs": self.inputs.detach().cpu().contiguous(),
-            "teacher_logits": self.teacher_logits.detach().cpu().float().contiguous(),
-            "classes": self.classes.detach().cpu().long().contiguous(),
-            "digest": self.digest(),
-            "metadata": self.metadata,
+        tensors = {
+            "inputs": self.inputs.detach().cpu(),
+            "teacher_logits": self.teacher_logits.detach().cpu().float(),
+            "classes": self.classes.detach().cpu().long(),
         }
-        handle = tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        )
         try:
-            with handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-        return path
+            json.dumps(self.metadata)
+        except (TypeError, ValueError) as err:
+            raise SynthesisedSetError(
+                f"the metadata of a synthesised set must be plain data (JSON: dicts, lists, "
+                f"strings, numbers): {err}; convert tensors with .tolist()"
+            ) from err
+        header = {"digest": tensor_digest(*tensors.values()), "metadata": self.metadata}
+        return write_tensors(path, tensors, header, FORMAT, VERSION)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SynthesisedSet:
-        """Read a set written by :meth:`save`, verifying its format, shapes and digest."""
+        """Read a set written by :meth:`save`, verifying its format, checksums, shapes and digest."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -145,27 +122,20 @@ class SynthesisedSet:
                 "DataFreeDistillation with a synthesiser and this path, or call "
                 "InputSynthesiser.synthesise(...).save(path))"
             )
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any read failure means the file is unusable
-            raise SynthesisedSetError(
-                f"synthesised set {str(path)!r} is unreadable (truncated or corrupt: "
-                f"{type(err).__name__}: {err}); delete it and synthesise the set again"
-            ) from err
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise SynthesisedSetError(
-                f"{str(path)!r} is not a synthesised set (no {FORMAT!r} format tag); pass a file "
-                "written by SynthesisedSet.save"
-            )
-        if payload.get("version") != VERSION:
-            raise SynthesisedSetError(
-                f"{str(path)!r} has format version {payload.get('version')}, this library reads "
-                f"version {VERSION}; synthesise the set again"
-            )
+        if is_container(path):
+            try:
+                header, tensors = read_tensors(path, FORMAT, VERSION)
+            except ContainerError as err:
+                raise SynthesisedSetError(_container_message(path, err)) from err
+            payload = {
+                **tensors,
+                "digest": header.get("digest"),
+                "metadata": header.get("metadata"),
+            }
+        else:
+            payload = _load_legacy(path)
         missing = [
-            k
-            for k in ("inputs", "teacher_logits", "classes", "digest", "metadata")
-            if k not in payload
+            k for k in ("inputs", "teacher_logits", "classes", "metadata") if k not in payload
         ]
         if missing:
             raise SynthesisedSetError(f"{str(path)!r} lacks entries {missing}; synthesise it again")
@@ -184,3 +154,39 @@ class SynthesisedSet:
                 "recorded when it was written; delete it and synthesise the set again"
             )
         return loaded
+
+
+def _container_message(path: Path, error: ContainerError) -> str:
+    reasons = "; ".join(error.reasons)
+    if any("is a " in r and "not a " in r for r in error.reasons):
+        return f"{str(path)!r} is not a synthesised set ({reasons}); pass a file written by SynthesisedSet.save"
+    if any("format version" in r for r in error.reasons):
+        return f"{str(path)!r}: {reasons}; synthesise the set again"
+    return (
+        f"synthesised set {str(path)!r} is unreadable or corrupt ({reasons}); delete it and "
+        "synthesise the set again"
+    )
+
+
+def _load_legacy(path: Path) -> dict[str, Any]:
+    """A set written by version 1 (``torch.save`` of plain tensors), read without running code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any read failure means the file is unusable
+        raise SynthesisedSetError(
+            f"synthesised set {str(path)!r} is unreadable (truncated or corrupt: "
+            f"{type(err).__name__}: {err}); delete it and synthesise the set again"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SynthesisedSetError(
+            f"{str(path)!r} is not a synthesised set (no {FORMAT!r} format tag); pass a file "
+            "written by SynthesisedSet.save"
+        )
+    if payload.get("version") != LEGACY_VERSION:
+        raise SynthesisedSetError(
+            f"{str(path)!r} has format version {payload.get('version')}, this library reads "
+            f"version {VERSION} (and {LEGACY_VERSION}); synthesise the set again"
+        )
+    if "digest" not in payload:
+        raise SynthesisedSetError(f"{str(path)!r} lacks entries ['digest']; synthesise it again")
+    return payload

@@ -97,7 +97,8 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, monke
     # Resume equals an uninterrupted run (same seed, same config) to the last digit.
     clean = run_study(path, overrides=TINY, only=["student_alone"], output_dir=tmp_path / "clean")
     clean_student = next(r for r in clean if r["run"] == "student_alone")
-    for key in ("test_acc", "test_acc_best_val", "best_epoch", "best_val_acc", "last_val_acc"):
+    for key in ("test_acc", "test_acc_best_val", "best_epoch", "best_val_acc", "last_val_acc",
+                "val_acc_curve"):  # fmt: skip
         assert by_run["student_alone"][key] == clean_student[key], key
 
     # A third run changes nothing and trains nothing.
@@ -121,6 +122,9 @@ def test_table_files_and_best_val_snapshot(tmp_path):
     assert kd["best_epoch"] == accuracies.index(max(accuracies)) + 1
     assert math.isclose(kd["best_val_acc"], max(accuracies), rel_tol=1e-6)
     assert math.isclose(kd["last_val_acc"], accuracies[-1], rel_tol=1e-6)
+    # The learning curve of the figure is the logged validation accuracy, epoch by epoch.
+    assert [epoch for epoch, _ in kd["val_acc_curve"]] == [1, 2, 3]
+    assert [v for _, v in kd["val_acc_curve"]] == pytest.approx(accuracies, rel=1e-6)
     assert kd["agreement_with"] == "teacher" and 0 <= kd["agreement"] <= 1
     assert kd["latency_ms"] > 0 and kd["params"] == rows["student_alone"]["params"]
     assert rows["hinton_kd"]["job_type"] == "distill"

@@ -127,3 +127,67 @@ def test_no_example_input_fails_before_any_step():
     fast_trainer(max_steps=1, callbacks=[QuantizationAwareTraining(example_shape=[2, 64])]).fit(
         Supervised(MLP(10, hidden_sizes=[8]), num_classes=10), loader
     )
+
+
+def _tuple_loader(n, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(
+        torch.rand(n, 64, generator=g) * scale, torch.randint(0, 10, (n,), generator=g)
+    )
+    return DataLoader(data, batch_size=8, shuffle=False)
+
+
+def _qat_run(max_epochs, tmp_path=None, ckpt_path=None):
+    torch.manual_seed(0)
+    module = Supervised(MLP(10, hidden_sizes=[8]), num_classes=10)
+    callback = QuantizationAwareTraining(example_shape=[2, 64])
+    trainer = fast_trainer(max_epochs=max_epochs, callbacks=[callback], limit_val_batches=2)
+    # Validation inputs 4x wider than training ones: an observer that moved on them shows it.
+    trainer.fit(
+        module, _tuple_loader(32), _tuple_loader(16, scale=4.0, seed=1), ckpt_path=ckpt_path
+    )
+    return trainer, module, callback
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.student.state_dict().items()}
+
+
+def test_validate_test_and_predict_leave_the_qat_student_unchanged():
+    trainer, module, _ = _qat_run(max_epochs=1)
+    before = _state(module)
+    wide = _tuple_loader(16, scale=4.0, seed=2)
+    trainer.validate(module, wide, verbose=False)
+    trainer.test(module, wide, verbose=False)
+    trainer.predict(module, wide)
+    with torch.no_grad():
+        module.eval()(torch.rand(8, 64) * 9)
+    after = module.student.state_dict()
+    assert [k for k, v in after.items() if not torch.equal(v, before[k])] == []
+
+
+def test_qat_resume_equals_the_uninterrupted_run_and_the_checkpoint_rebuilds(tmp_path):
+    """Resuming runs a sanity validation on the resumed student; it must not move it."""
+    trainer, _, callback = _qat_run(max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    _, straight, _ = _qat_run(max_epochs=2)
+    _, resumed, _ = _qat_run(max_epochs=2, ckpt_path=tmp_path / "epoch1.ckpt")
+    expected, got = _state(straight), _state(resumed)
+    assert [k for k, v in got.items() if not torch.equal(v, expected[k])] == []
+
+    # The record every loader reads, written into the checkpoint's kd_lightning metadata.
+    checkpoint = {}
+    callback.on_save_checkpoint(trainer, straight, checkpoint)
+    record = {"module": "student", "example_shape": [2, 64], "example_dtype": "float32"}
+    record["backend"] = torch.backends.quantized.engine
+    assert checkpoint["kd_lightning"]["compression"] == {"qat": record}
+    # A checkpoint holding only that record (no earlier-version key) rebuilds the student.
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)
+    del saved["kd_lightning_qat"]
+    saved["kd_lightning"]["compression"] = {"qat": record}
+    torch.save(saved, tmp_path / "record_only.ckpt")
+    rebuilt = load_compressed_student(tmp_path / "record_only.ckpt")
+    x = torch.rand(16, 64) * 4
+    reference = _qat_run(max_epochs=1)[1].student.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), reference(x))

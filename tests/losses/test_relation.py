@@ -216,3 +216,44 @@ def test_pkt_is_a_divergence_blind_to_per_sample_scale():
     assert base > 0
     scales = torch.tensor([0.1, 1.0, 5.0, 2.0, 30.0])[:, None]
     assert loss(student=student * scales, teacher=teacher).item() == pytest.approx(base, rel=1e-5)
+
+
+# Three samples: the student's are e1, e2, e1 (cosines 1, 0, 1), the teacher's all point one
+# way (every cosine 1). Kernel K = (cos + 1) / 2: student [[1, .5, 1], [.5, 1, .5], [1, .5, 1]],
+# teacher all ones.
+PKT_STUDENT = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+PKT_TEACHER = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 0.0], [3.0, 3.0, 0.0]], dtype=torch.float64)
+
+
+def test_pkt_paper_form_by_hand():
+    # Without self-similarity, rows of p_s: (-, 1/3, 2/3), (1/2, -, 1/2), (2/3, 1/3, -); p_t is
+    # 1/2 per neighbour. Row 0: 1/2 ln(3/2) + 1/2 ln(3/4) = 1/2 ln(9/8); row 1: 0; row 2 as
+    # row 0. Averaged over the 3 samples: ln(9/8) / 3.
+    got = PKTLoss()(student=PKT_STUDENT, teacher=PKT_TEACHER)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(math.log(9 / 8) / 3, rel=1e-9)
+
+
+def test_pkt_authors_code_form_by_hand():
+    # With self-similarity, rows of p_s: (.4, .2, .4), (.25, .5, .25), (.4, .2, .4); p_t = 1/3
+    # everywhere. Each row's sum of 1/3 ln((1/3) / p_s) is -1/3 ln(27 prod p_s); the sum over
+    # the 3 x 3 entries is divided by B^2 = 9. eps = 1e-7 moves the value by ~1e-7 relative.
+    rows = [(0.4, 0.2, 0.4), (0.25, 0.5, 0.25), (0.4, 0.2, 0.4)]
+    by_hand = sum(-math.log(27 * math.prod(row)) / 3 for row in rows) / 9
+    got = PKTLoss(form="authors_code")(student=PKT_STUDENT, teacher=PKT_TEACHER)
+    assert got.item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_pkt_authors_code_form_of_a_pair():
+    # B = 2: the paper form has one neighbour per sample (p = 1 for both networks, loss 0);
+    # the authors' form compares (2/3, 1/3) with (1/2, 1/2): 2 * 1/2 ln(9/8) / 4.
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    assert PKTLoss()(student=student, teacher=teacher).item() == pytest.approx(0.0, abs=1e-7)
+    got = PKTLoss(form="authors_code")(student=student, teacher=teacher)
+    assert got.item() == pytest.approx(math.log(9 / 8) / 4, rel=1e-5)
+
+
+def test_pkt_form_validation():
+    with pytest.raises(ValueError, match="authors_code"):
+        PKTLoss(form="author")

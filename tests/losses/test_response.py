@@ -116,23 +116,42 @@ def test_dkd_validation():
         DKDLoss()(student=torch.randn(2, 3), teacher=torch.randn(2, 3))
 
 
-def _zscore(values: list[float]) -> list[float]:
-    mean, std = statistics.fmean(values), statistics.pstdev(values)
+def _zscore(values: list[float], unbiased: bool = True) -> list[float]:
+    """Z-score with the sample (1/(C-1), the authors' code) or population (1/C) deviation."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if unbiased else statistics.pstdev(values)
     return [(v - mean) / std for v in values]
 
 
-def test_logit_standardization_matches_loop_reference():
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_logit_standardization_matches_loop_reference(unbiased):
     torch.manual_seed(4)
     tau = 2.0
     student, teacher = torch.randn(3, 5), 5 * torch.randn(3, 5) + 2
     expected = 0.0
     for z, v in zip(student.tolist(), teacher.tolist(), strict=True):
-        p_t = _softmax([x / tau for x in _zscore(v)])
-        p_s = _softmax([x / tau for x in _zscore(z)])
+        p_t = _softmax([x / tau for x in _zscore(v, unbiased)])
+        p_s = _softmax([x / tau for x in _zscore(z, unbiased)])
         expected += _kl(p_t, p_s) / 3
     expected *= tau**2
-    got = logit_standardization_kd(student, teacher, temperature=tau)
+    got = logit_standardization_kd(student, teacher, temperature=tau, unbiased=unbiased)
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_logit_standardization_authors_value():
+    """C = 3, z_s = (1, 2, 4), z_t = (3, 1, 2), tau = 2: 0.9517 with the authors' code (unbiased
+    std, Tensor.std), 1.4322 with the population std. Both derived by hand below."""
+    student = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    teacher = torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64)
+    for unbiased, published in ((True, 0.9517), (False, 1.4322)):
+        p_t = _softmax([x / 2 for x in _zscore([3.0, 1.0, 2.0], unbiased)])
+        p_s = _softmax([x / 2 for x in _zscore([1.0, 2.0, 4.0], unbiased)])
+        by_hand = 4 * _kl(p_t, p_s)
+        assert by_hand == pytest.approx(published, abs=5e-5)
+        loss = LogitStandardizationKDLoss(temperature=2.0, unbiased=unbiased)
+        got = loss(student=student, teacher=teacher)
+        assert got.item() == pytest.approx(by_hand, rel=1e-6)
+    assert LogitStandardizationKDLoss().unbiased is True
 
 
 def test_logit_standardization_ignores_logit_scale_and_shift():

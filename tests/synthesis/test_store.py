@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+import kd_lightning.container as container
+from kd_lightning.container import write_tensors
+from kd_lightning.digest import tensor_digest
 from kd_lightning.synthesis import SynthesisedSet, SynthesisedSetError, module_digest
-from kd_lightning.synthesis.store import FORMAT, VERSION
+from kd_lightning.synthesis.store import FORMAT, LEGACY_VERSION, VERSION
 from kd_lightning.teachers import FrozenTeacher
 
 
@@ -37,14 +40,18 @@ def test_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["set.pt"]
 
 
+def _crash_on_fsync(monkeypatch, message: str) -> None:
+    """The disk fails while the set is written (after part of it reached the temporary file)."""
+
+    def crash(fd):
+        raise OSError(message)
+
+    monkeypatch.setattr(container.os, "fsync", crash)
+
+
 def test_a_failed_write_leaves_neither_a_file_nor_a_temporary(tmp_path, monkeypatch):
     path = tmp_path / "set.pt"
-
-    def crash(obj, handle, *args, **kwargs):
-        handle.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
+    _crash_on_fsync(monkeypatch, "disk full")
     with pytest.raises(OSError, match="disk full"):
         _set().save(path)
     assert list(tmp_path.iterdir()) == []
@@ -52,9 +59,10 @@ def test_a_failed_write_leaves_neither_a_file_nor_a_temporary(tmp_path, monkeypa
 
 def test_a_failed_overwrite_keeps_the_previous_set(tmp_path, monkeypatch):
     path = _set(4).save(tmp_path / "set.pt")
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+    _crash_on_fsync(monkeypatch, "killed")
     with pytest.raises(OSError):
         _set(6).save(path)
+    monkeypatch.undo()
     assert len(SynthesisedSet.load(path)) == 4
 
 
@@ -83,18 +91,34 @@ def test_one_flipped_byte_is_detected(tmp_path, where):
 
 def test_altered_tensors_fail_the_digest(tmp_path):
     original = _set()
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
+    tensors = {
         "inputs": original.inputs + 1e-3,  # altered after the digest was taken
         "teacher_logits": original.teacher_logits,
         "classes": original.classes,
-        "digest": original.digest(),
-        "metadata": {},
     }
-    torch.save(payload, tmp_path / "set.pt")
+    header = {"digest": original.digest(), "metadata": {}}
+    write_tensors(tmp_path / "set.pt", tensors, header, FORMAT, VERSION)
     with pytest.raises(SynthesisedSetError, match="do not match the digest"):
         SynthesisedSet.load(tmp_path / "set.pt")
+
+
+def test_sets_saved_by_version_1_still_load_and_are_checked(tmp_path):
+    original = _set()
+    payload = {
+        "format": FORMAT,
+        "version": LEGACY_VERSION,
+        "inputs": original.inputs,
+        "teacher_logits": original.teacher_logits,
+        "classes": original.classes,
+        "digest": tensor_digest(original.inputs, original.teacher_logits, original.classes),
+        "metadata": original.metadata,
+    }
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = SynthesisedSet.load(tmp_path / "old.pt")
+    assert torch.equal(loaded.inputs, original.inputs) and loaded.metadata == original.metadata
+    torch.save({**payload, "inputs": original.inputs + 1e-3}, tmp_path / "altered.pt")
+    with pytest.raises(SynthesisedSetError, match="do not match the digest"):
+        SynthesisedSet.load(tmp_path / "altered.pt")
 
 
 def test_other_files_are_refused_with_the_reason(tmp_path):
@@ -104,6 +128,22 @@ def test_other_files_are_refused_with_the_reason(tmp_path):
     torch.save({"format": FORMAT, "version": VERSION + 1}, tmp_path / "future.pt")
     with pytest.raises(SynthesisedSetError, match="format version"):
         SynthesisedSet.load(tmp_path / "future.pt")
+    original = _set()
+    tensors = {"inputs": original.inputs, "teacher_logits": original.teacher_logits}
+    write_tensors(tmp_path / "future.kd", {**tensors, "classes": original.classes}, {}, FORMAT, 9)
+    with pytest.raises(SynthesisedSetError, match="format version 9"):
+        SynthesisedSet.load(tmp_path / "future.kd")
+    write_tensors(tmp_path / "cache.kd", tensors, {}, "kd_lightning.teacher_cache", 2)
+    with pytest.raises(SynthesisedSetError, match="not a synthesised set"):
+        SynthesisedSet.load(tmp_path / "cache.kd")
+
+
+def test_metadata_must_be_plain_data(tmp_path):
+    bad = _set()
+    bad.metadata["objective"] = torch.tensor([1.0])
+    with pytest.raises(SynthesisedSetError, match="plain data"):
+        bad.save(tmp_path / "set.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_inconsistent_shapes_are_refused():

@@ -1,0 +1,54 @@
+"""Bias-shift selection of the Hinton et al. (2015) omitted-class experiments, by hand."""
+
+import pytest
+import torch
+
+from kd_lightning.bench.hinton_mnist import (
+    count_errors,
+    select_bias_shift,
+    shift_class_logits,
+)
+
+# Four samples, class 2 is the one whose bias moves by s:
+#   a: [2, 0, 1],   target 2 -> right when 1 + s > 2,   i.e. s > 1
+#   b: [0, 3, 1.5], target 2 -> right when 1.5 + s > 3, i.e. s > 1.5
+#   c: [4, 0, 0],   target 0 -> right when s < 4
+#   d: [0, 2.5, 0], target 1 -> right when s < 2.5
+# so the errors are 2 for s <= 1, 1 on (1, 1.5], 0 on (1.5, 2.5), 1 on [2.5, 4), 2 from 4 on.
+LOGITS = torch.tensor([[2.0, 0, 1], [0, 3, 1.5], [4, 0, 0], [0, 2.5, 0]])
+TARGETS = torch.tensor([2, 2, 0, 1])
+
+
+def test_errors_as_a_function_of_the_shift_match_the_hand_count():
+    shifts = [0.0, 1.2, 2.0, 3.0, 5.0]
+    _, errors = select_bias_shift(LOGITS, TARGETS, [2], shifts)
+    assert errors == [2, 1, 0, 1, 2]
+    assert count_errors(shift_class_logits(LOGITS, [2], 2.0), TARGETS, on_class=2) == 0
+    assert count_errors(LOGITS, TARGETS, on_class=2) == 2
+    assert count_errors(LOGITS, TARGETS, on_class=0) == 0
+
+
+def test_the_smallest_shift_of_the_error_free_interval_is_chosen():
+    shifts = [round(-5 + 0.1 * i, 1) for i in range(101)]
+    shift, errors = select_bias_shift(LOGITS, TARGETS, [2], shifts)
+    assert shift == pytest.approx(1.6)  # (1.5, 2.5) is error-free; 1.6 is its point nearest 0
+    assert min(errors) == 0
+
+
+def test_lowering_the_kept_classes_equals_raising_the_others():
+    # Softmax/argmax only see differences of logits: -s on {0, 1} == +s on {2}.
+    shifts = [round(-5 + 0.1 * i, 1) for i in range(101)]
+    up, errors_up = select_bias_shift(LOGITS, TARGETS, [2], shifts)
+    down, errors_down = select_bias_shift(LOGITS, TARGETS, [0, 1], shifts)
+    assert down == pytest.approx(-up) and errors_down == errors_up[::-1]
+
+
+def test_shift_leaves_other_classes_and_the_input_unchanged():
+    shifted = shift_class_logits(LOGITS, [0, 2], -1.0)
+    assert torch.equal(shifted[:, 1], LOGITS[:, 1])
+    assert torch.equal(shifted[:, 0], LOGITS[:, 0] - 1) and torch.equal(
+        shifted[:, 2], LOGITS[:, 2] - 1
+    )
+    assert LOGITS[0, 0] == 2.0
+    with pytest.raises(ValueError, match="at least one"):
+        select_bias_shift(LOGITS, TARGETS, [2], [])
