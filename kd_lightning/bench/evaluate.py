@@ -36,7 +36,7 @@ def implements(datamodule: Any, hook: str) -> bool:
 
 def batches(datamodule: Any, split: str = "test") -> Iterator[dict[str, Any]]:
     """Normalised batches of ``split`` (``"test"``, ``"val"`` or ``"train"``), as a Trainer sees them."""
-    from kd_lightning.methods.base import normalise_batch
+    from kd_lightning.data.batch import normalise_batch
 
     hook = f"{split}_dataloader"
     if not implements(datamodule, hook):

@@ -52,7 +52,7 @@ def example_batch(datamodule: Any) -> dict[str, Any]:
     sets: cheap, no loader); otherwise the first batch of ``train_dataloader()`` after
     ``prepare_data``/``setup("fit")`` and the batch-transfer hooks, as a Trainer would.
     """
-    from kd_lightning.methods.base import normalise_batch
+    from kd_lightning.data.batch import normalise_batch
 
     if callable(getattr(datamodule, "example_batch", None)):
         return normalise_batch(datamodule.example_batch())

@@ -35,7 +35,7 @@ from kd_lightning.compression.pruning import (
     obd_saliency,
     select_parameters,
 )
-from kd_lightning.methods.base import normalise_batch
+from kd_lightning.data.batch import normalise_batch
 from kd_lightning.teachers import output_logits
 
 __all__ = ["HESSIAN_METHODS", "OptimalBrainDamage"]

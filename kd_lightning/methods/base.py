@@ -21,9 +21,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from kd_lightning.artifact import CHECKPOINT_KEY, read_checkpoint, student_record
-from kd_lightning.data.batch import batch_size, example_batch, normalise_batch
+from kd_lightning.data.batch import batch_size, check_targets, example_batch, normalise_batch
 from kd_lightning.features import FeatureCapture
-from kd_lightning.data.batch import check_targets
 from kd_lightning.methods.checks import (
     check_class_count,
     rng_state,
