@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kd_lightning.bench.evaluate import implements
-from kd_lightning.bench.plan import CHECKPOINT_NAME, PlannedRun, set_dotted
+from kd_lightning.bench.plan import CHECKPOINT_NAME, PlannedRun, digest, set_dotted
 from kd_lightning.bench.run import build_config, quiet_lightning, root_message, write_config
 from kd_lightning.bench.study_file import StudyError
 
@@ -114,11 +114,14 @@ def save_stand_in(module: Any, path: Path) -> Path:
     return path
 
 
-def _redirect_teacher_cache(config: dict[str, Any], folder: Path, name: str) -> None:
+def _redirect_teacher_cache(config: dict[str, Any], folder: Path) -> None:
+    """Point a run's teacher cache into the preflight folder (one file per original path, so
+    runs that share a cache share its stand-in too and it is built once)."""
     data = (config.get("data") or {}).get("init_args") or {}
     cache = data.get("teacher_cache")
     if isinstance(cache, dict) and isinstance(cache.get("init_args"), dict):
-        cache["init_args"]["path"] = str(folder / f"{name}.teacher_cache")
+        original = str(cache["init_args"].get("path"))
+        cache["init_args"]["path"] = str(folder / f"cache-{digest(original)[:12]}.kdtc")
 
 
 def _check_one(
@@ -129,7 +132,7 @@ def _check_one(
     for key, dep in item.run.needs.items():
         set_dotted(config, key, str(checkpoints[dep]))
     if set(item.run.needs.values()) & stand_ins:
-        _redirect_teacher_cache(config, folder, item.run.name)
+        _redirect_teacher_cache(config, folder)
     trainer = config.setdefault("trainer", {})
     trainer.update(default_root_dir=str(folder / "root"), logger=False)
     path = write_config(config, folder / "configs" / f"{len(list(folder.glob('configs/*')))}.yaml")

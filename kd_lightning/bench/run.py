@@ -113,14 +113,11 @@ def build_config(config_path: str | Path) -> StudyCLI:
 def root_message(error: BaseException) -> str:
     """The sentence to show for ``error``: the library's own (or a user class's) message, not
     jsonargparse's wrappers around it (see :func:`kd_lightning.cli_errors.user_message`); for
-    any other error its innermost exception as ``Type: message``."""
-    from kd_lightning.cli_errors import exception_chain, user_message
+    any other error (e.g. a ``RuntimeError`` subclass of the library) ``Type: message``."""
+    from kd_lightning.cli_errors import user_message
 
     message = user_message(error)
-    if message is not None:
-        return message
-    root = list(exception_chain(error))[-1]
-    return f"{type(root).__name__}: {root}".strip()
+    return message if message is not None else f"{type(error).__name__}: {error}".strip()
 
 
 def write_config(config: dict[str, Any], path: Path) -> Path:

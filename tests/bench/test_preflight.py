@@ -129,3 +129,25 @@ def test_preflight_checks_each_run_once_and_skips_finished_runs(tmp_path):
     for item in plan:
         item.status = "done"
     assert preflight(plan, study.needed) == []
+
+
+def test_a_teacher_cache_is_never_built_from_a_stand_in_where_real_runs_read(tmp_path):
+    cache = tmp_path / "shared" / "teacher.kdtc"
+    cached = {
+        "model.init_args.teacher": None,
+        "data.init_args.teacher_cache": {
+            "class_path": "kd_lightning.data.TeacherCache",
+            "init_args": {"path": str(cache), "teacher_checkpoint": None, "progress": False},
+        },
+    }
+    needs = {"data.init_args.teacher_cache.init_args.teacher_checkpoint": "teacher"}
+    runs = [
+        {"name": f"kd_cached_{t}", "config": str(DIGITS / "hinton_kd.yaml"), "needs": needs,
+         "overrides": {**cached, KD_TEMPERATURE: t}}
+        for t in (2.0, 4.0)
+    ]  # fmt: skip
+    study = Study.from_file(_study(tmp_path, runs))
+    plan = plan_study(study, study.ordered_runs(), TINY)
+    checked = preflight(plan, study.needed)
+    assert checked[-2:] == ["kd_cached_2.0", "kd_cached_4.0"]  # the cached batches were checked
+    assert not cache.exists() and not cache.parent.exists()
