@@ -49,10 +49,10 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     """
     path = Path(path)
     if not path.is_file():
-        who = "the teacher" if "teacher" in what else "it"
+        who, fix = ("the teacher", "checkpoint_path") if "teacher" in what else ("it", "the path")
         raise FileNotFoundError(
             f"{what} {str(path)!r} does not exist. Train {who} first (e.g. `kd-lightning fit -c "
-            "experiments/digits/teacher.yaml`) or fix the path."
+            f"experiments/digits/teacher.yaml`) or fix {fix}."
         )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -75,8 +75,8 @@ def student_record(checkpoint: dict[str, Any], path: str | Path = "<checkpoint>"
     record = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(record, dict):
         raise ValueError(
-            f"{str(path)!r} was not written by kd_lightning (no {CHECKPOINT_KEY!r} record); "
-            "for a plain state_dict or another Lightning checkpoint use "
+            f"{str(path)!r} does not record how to rebuild its student (no {CHECKPOINT_KEY!r} "
+            "record: it was not written by kd_lightning); for a plain state_dict or another Lightning checkpoint use "
             "PretrainedTeacher(checkpoint_path=..., model=<the architecture>, key_prefix=...)"
         )
     return record
@@ -125,24 +125,20 @@ def load_state_into(
     own = prepared.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    clashes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or clashes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        if clashes:
-            parts.append(f"shape clashes {clashes[:3]}")
-        raise ValueError(
-            f"the weights in {source} do not fit a {type(model).__name__} ({'; '.join(parts)}): "
-            "build the model with the architecture and arguments that were trained"
-        )
-    return load_compressed_state_dict(prepared, state, compression, module_path=module_path)
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+    if not problems:
+        try:
+            return load_compressed_state_dict(prepared, state, compression, module_path=module_path)
+        except RuntimeError as err:  # shape clashes: torch lists every one; keep the first
+            problems.append(str(err).splitlines()[-1].strip())
+    raise ValueError(
+        f"the weights in {source} do not fit a {type(model).__name__} ({'; '.join(problems)}): "
+        "build the model with the architecture and arguments that were trained"
+    )
 
 
 def load_student(checkpoint_path: str | Path, model: nn.Module | None = None) -> nn.Module:

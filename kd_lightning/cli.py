@@ -231,8 +231,10 @@ def _config_specs(init_args: Namespace) -> dict[str, Any]:
             continue
         if isinstance(value, Namespace) and value.get("class_path"):
             specs[name] = value.as_dict()
-        elif isinstance(value, list) and value and all(
-            isinstance(v, Namespace) and v.get("class_path") for v in value
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, Namespace) and v.get("class_path") for v in value)
         ):
             specs[name] = [v.as_dict() for v in value]
     return specs

@@ -196,7 +196,8 @@ class OptimalBrainDamage(IterativePruning):
     def _loss_of(self, pl_module: L.LightningModule, student: nn.Module, batch: Any) -> Tensor:
         batch = normalise_batch(batch)
         if self.loss == "objective":
-            return pl_module.compute_losses(pl_module.forward_models(batch), batch)["loss"]
+            knowledge = pl_module.forward_knowledge(batch, "train")
+            return pl_module.compute_losses(knowledge, batch, "train")["loss"]
         logits = output_logits(student(batch["input"]))
         return F.cross_entropy(logits.float(), batch["target"], ignore_index=-1)
 

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from kd_lightning.callbacks.student import make_checkpoint_self_contained, student_of
+from kd_lightning.callbacks.student import student_of
 from kd_lightning.compression.masks import (
     current_masks,
     install_masks,
@@ -54,7 +54,6 @@ __all__ = [
     "MagnitudePruning",
     "install_masks",
     "install_pruning_for_state_dict",
-    "make_checkpoint_self_contained",
     "student_of",
 ]
 
@@ -156,7 +155,6 @@ class IterativePruning(Callback):
         register_pruning_reload_hooks(pl_module)
         if stage != "fit":
             return
-        make_checkpoint_self_contained(pl_module)
         last = self.round_epochs[-1]
         max_epochs = trainer.max_epochs
         if not trainer.fast_dev_run and max_epochs is not None and 0 <= max_epochs <= last:

@@ -30,15 +30,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from kd_lightning.callbacks.student import (
-    STUDENT_ATTRIBUTE,
-    make_checkpoint_self_contained,
     student_of,
+    student_path,
 )
 from kd_lightning.compression.loading import (
     COMPRESSION_KEY,
-    compression_record,
-    is_qat_state,
-    load_compressed_state_dict,
     qat_record,
 )
 from kd_lightning.compression.quantization import (
@@ -51,10 +47,9 @@ from kd_lightning.compression.quantization import (
     quantize_static_int8,
 )
 from kd_lightning.models.spec import instantiate, model_spec
-from kd_lightning.teachers import CHECKPOINT_KEY, STUDENT_PREFIX, load_student, read_checkpoint
+from kd_lightning.teachers import CHECKPOINT_KEY, load_student, read_checkpoint
 
 __all__ = [
-    "QAT_CHECKPOINT_KEY",
     "QUANTIZED_FILE_KEY",
     "QuantizationAwareTraining",
     "load_compressed_student",
@@ -63,10 +58,6 @@ __all__ = [
     "save_quantized",
 ]
 
-QAT_CHECKPOINT_KEY = "kd_lightning_qat"
-"""Top-level checkpoint key of the QAT record of earlier versions (with the float spec).
-
-The record itself lives in ``checkpoint["kd_lightning"]["compression"]``."""
 
 QUANTIZED_FILE_KEY = "kd_lightning_quantized"
 """Top-level key of an int8 student file written by :func:`save_quantized`."""
@@ -136,20 +127,18 @@ class QuantizationAwareTraining(Callback):
         student = student_of(pl_module)
         example = _example_from(trainer, self.example_shape)
         self._example_shape_used = list(example.shape)
-        self._record = qat_record(STUDENT_ATTRIBUTE, example, self.backend)
+        self._record = qat_record(student_path(pl_module), example, self.backend)
         if is_qat_prepared(student):
             # Prepared by an earlier setup, or loaded as such (prepare_for_state_dict).
             freeze_observers_in_eval(student)
             return
-        make_checkpoint_self_contained(pl_module)
         self.float_spec = model_spec(student)
-        arg = getattr(pl_module, "student_arg", STUDENT_ATTRIBUTE)
-        spec = pl_module.hparams.get(arg) if hasattr(pl_module, "hparams") else None
-        if isinstance(spec, dict) and "class_path" in spec:
-            self.float_spec = spec
         was_training = student.training
-        prepared = prepare_qat(student.cpu(), example, backend=self.backend)
-        pl_module.student = prepared.train(was_training)
+        prepared = prepare_qat(student.cpu(), example, backend=self.backend).train(was_training)
+        if hasattr(pl_module, "replace_student"):
+            pl_module.replace_student(prepared)
+        else:  # a user's LightningModule with a plain `student` attribute
+            pl_module.student = prepared
         rank_zero_info(
             f"QuantizationAwareTraining: {type(student).__name__} fake-quantized for int8 "
             f"({torch.backends.quantized.engine}); observers update in training mode only."
@@ -172,14 +161,6 @@ class QuantizationAwareTraining(Callback):
             return
         metadata = checkpoint.setdefault(CHECKPOINT_KEY, {})
         metadata.setdefault(COMPRESSION_KEY, {}).update(self._record)
-        # The method's own on_save_checkpoint runs after the callbacks' and, until it merges
-        # into checkpoint["kd_lightning"] instead of replacing it, drops the record above;
-        # this key (the one earlier versions wrote) keeps the checkpoint loadable meanwhile.
-        checkpoint[QAT_CHECKPOINT_KEY] = {
-            "backend": self._record["qat"]["backend"],
-            "example_shape": self._example_shape_used,
-            "float_spec": self.float_spec,
-        }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = student_of(pl_module)
@@ -305,9 +286,12 @@ def _spec_or_error(spec: Any, where: str) -> dict[str, Any]:
     return spec
 
 
-def load_quantized(path: str | Path) -> nn.Module:
-    """Rebuild an int8 student written by :func:`save_quantized` (eval mode)."""
-    data = torch.load(path, map_location="cpu", weights_only=False)
+def load_quantized(path: str | Path, data: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild an int8 student written by :func:`save_quantized` (eval mode).
+
+    The file is read with ``weights_only=True`` (it cannot run code when loaded).
+    """
+    data = read_checkpoint(path, "int8 student file") if data is None else data
     if not isinstance(data, dict) or QUANTIZED_FILE_KEY not in data:
         raise ValueError(f"{str(path)!r} is not an int8 student file written by save_quantized.")
     meta = data[QUANTIZED_FILE_KEY]
@@ -330,27 +314,9 @@ def load_compressed_student(checkpoint_path: str | Path) -> nn.Module:
 
     A quantization-aware checkpoint gives the fake-quantized float student (``convert_qat``
     of it is the int8 model). An int8 file from :func:`save_quantized` gives the int8 model.
+    Every file is read with ``weights_only=True``.
     """
-    path = Path(checkpoint_path)
-    checkpoint = read_checkpoint(path) if path.suffix == ".ckpt" else None
-    if checkpoint is None:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(data, dict) and QUANTIZED_FILE_KEY in data:
-            return load_quantized(path)
-        checkpoint = read_checkpoint(path)
-    state = {
-        k[len(STUDENT_PREFIX) :]: v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith(STUDENT_PREFIX)
-    }
-    if not is_qat_state(state):
-        return load_student(path)
-    legacy = checkpoint.get(QAT_CHECKPOINT_KEY) or {}
-    spec = legacy.get("float_spec") or checkpoint.get(CHECKPOINT_KEY, {}).get("student_spec")
-    model = load_compressed_state_dict(
-        instantiate(_spec_or_error(spec, str(path))),
-        state,
-        compression_record(checkpoint),
-        module_path=STUDENT_ATTRIBUTE,
-    )
-    return model.eval()
+    data = read_checkpoint(checkpoint_path)
+    if isinstance(data, dict) and QUANTIZED_FILE_KEY in data:
+        return load_quantized(checkpoint_path, data)
+    return load_student(checkpoint_path)

@@ -31,6 +31,7 @@ from kd_lightning.methods.checks import (
 )
 from kd_lightning.methods.metrics import KnowledgeMetrics
 from kd_lightning.methods.nonfinite import NonFiniteGuard
+from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
 from kd_lightning.models.spec import instantiate, model_spec
 from kd_lightning.objective import LossTerm, Objective, Progress
 from kd_lightning.teachers import CachedTeacher, FrozenTeacher, call_model, output_logits
@@ -141,7 +142,10 @@ class DistillationModule(L.LightningModule):
                     f"the same module object appears twice in `{name}`: give each its own instance"
                 )
             module: nn.Module | None = nn.ModuleList(built)
-            specs = [v if isinstance(v, dict) else model_spec(m) for v, m in zip(value, built, strict=True)]
+            specs = [
+                v if isinstance(v, dict) else model_spec(m)
+                for v, m in zip(value, built, strict=True)
+            ]
             names = _knowledge_names(name, value)
             for i, knowledge_name in enumerate(names):
                 self.sources[knowledge_name] = f"{name}.{i}"
@@ -151,7 +155,10 @@ class DistillationModule(L.LightningModule):
             module = self._build(value, frozen)
             if module is not None:
                 self.sources[name] = name
-                spec = value if isinstance(value, dict) else model_spec(module)
+                # A FromCheckpoint spec would read another run's file on reload: record the
+                # rebuilt model's own spec, so this run's checkpoints stand alone.
+                from_file = isinstance(value, dict) and is_from_checkpoint_spec(value)
+                spec = value if isinstance(value, dict) and not from_file else model_spec(module)
                 if not frozen and spec is not None:
                     self.model_specs[name] = spec
         setattr(self, name, module)
@@ -187,6 +194,15 @@ class DistillationModule(L.LightningModule):
     def student(self) -> nn.Module:
         """The exported student (same as :attr:`exported`)."""
         return self.exported
+
+    def replace_student(self, module: nn.Module) -> None:
+        """Put ``module`` where the exported student is (compression swaps in a pruned or
+        fake-quantized copy); hooks, the optimizer and checkpoints then see the new one."""
+        parent, _, leaf = self.sources[self.exported_name].rpartition(".")
+        owner = self.get_submodule(parent) if parent else self
+        owner._modules[leaf] = module
+        if self.objective is not None:
+            self._make_captures()
 
     @property
     def exported(self) -> nn.Module:

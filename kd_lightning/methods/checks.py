@@ -60,6 +60,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
             module.training = flag
         with torch.no_grad():
             for buffer, saved in buffers:
+                if buffer.shape != saved.shape:  # lazily sized buffers (observers, banks)
+                    buffer.resize_(saved.shape)
                 buffer.copy_(saved)
         set_rng_state(rng)
 

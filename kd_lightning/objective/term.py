@@ -99,8 +99,8 @@ class LossTerm(nn.Module):
             raise TypeError(f"weight of a loss term must be a number, got {weight!r}")
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(
-                f"weight of loss term {name or _snake_name(loss)!r} must be a finite number >= 0, "
-                f"got {weight}"
+                f"weight of a loss term must be >= 0, got {weight} (term "
+                f"{name or _snake_name(loss)!r}); give a finite number >= 0"
             )
         if warmup_epochs and schedule is not None:
             raise ValueError("give either schedule or warmup_epochs, not both")

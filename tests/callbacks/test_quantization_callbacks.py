@@ -20,7 +20,7 @@ from kd_lightning.data import DigitsTransferSet
 from kd_lightning.methods import OfflineDistillation, Supervised
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.models.spec import model_spec
-from kd_lightning.teachers import load_student
+from kd_lightning.teachers import PretrainedTeacher, load_student
 from tests.conftest import fast_trainer
 
 
@@ -72,8 +72,10 @@ def test_quantization_aware_distillation(tmp_path):
     rebuilt = load_compressed_student(tmp_path / "qat.ckpt")
     assert _has_fake_quant(rebuilt)
     torch.testing.assert_close(rebuilt(x), simulated)
-    with pytest.raises(RuntimeError, match="Unexpected key"):
-        load_student(tmp_path / "qat.ckpt")  # a plain float rebuild does not fit QAT weights
+    # Every loader reads the artifact and its compression record: load_student and a teacher
+    # built from the QAT checkpoint give the fake-quantized student too.
+    torch.testing.assert_close(load_student(tmp_path / "qat.ckpt")(x), simulated)
+    torch.testing.assert_close(PretrainedTeacher(str(tmp_path / "qat.ckpt"))(x), simulated)
 
 
 def test_int8_cnn_is_more_than_three_times_smaller():
@@ -178,12 +180,12 @@ def test_qat_resume_equals_the_uninterrupted_run_and_the_checkpoint_rebuilds(tmp
     # The record every loader reads, written into the checkpoint's kd_lightning metadata.
     checkpoint = {}
     callback.on_save_checkpoint(trainer, straight, checkpoint)
-    record = {"module": "student", "example_shape": [2, 64], "example_dtype": "float32"}
+    # Supervised holds its student as `model`: the record names where it sits.
+    record = {"module": "model", "example_shape": [2, 64], "example_dtype": "float32"}
     record["backend"] = torch.backends.quantized.engine
     assert checkpoint["kd_lightning"]["compression"] == {"qat": record}
-    # A checkpoint holding only that record (no earlier-version key) rebuilds the student.
-    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=False)
-    del saved["kd_lightning_qat"]
+    # A checkpoint holding only that record rebuilds the student.
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)
     saved["kd_lightning"]["compression"] = {"qat": record}
     torch.save(saved, tmp_path / "record_only.ckpt")
     rebuilt = load_compressed_student(tmp_path / "record_only.ckpt")

@@ -408,8 +408,8 @@ def test_topk_cache_feeds_the_sparse_loss_without_a_teacher(tmp_path, mlp_teache
     fit = trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     fit.fit(module, dm)
     with torch.no_grad():
-        outputs = module.forward_models(batch)
-        losses = module.compute_losses(outputs, batch)
+        knowledge = module.forward_knowledge(batch, "train")
+        losses = module.compute_losses(knowledge, batch, "train")
         want = sparse_soft_target_kl(module.student(batch["input"]), values, indices, 2.0)
     torch.testing.assert_close(losses["kd"], want)
 

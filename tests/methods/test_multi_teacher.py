@@ -114,9 +114,7 @@ def test_uncovered_samples_fall_back():
     stacked = torch.stack([t(batch["input"]) for t in teachers]).detach()
     wrong_everywhere = (stacked.argmax(-1) != batch["target"]).all(0) & (batch["target"] >= 0)
     assert wrong_everywhere.any()
-    exclude = OfflineDistillation(
-        MLP(hidden_sizes=[4]), TeacherEnsemble(teachers, purify="wrong")
-    )
+    exclude = OfflineDistillation(MLP(hidden_sizes=[4]), TeacherEnsemble(teachers, purify="wrong"))
     outputs = exclude.forward_knowledge(batch, "train")
     torch.testing.assert_close(
         outputs["teacher"][wrong_everywhere], outputs["student"][wrong_everywhere]
