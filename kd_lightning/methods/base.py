@@ -11,7 +11,6 @@ it must, which sources run in a step (:meth:`DistillationModule.forward_knowledg
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -20,9 +19,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from kd_lightning.artifact import CHECKPOINT_KEY, read_checkpoint, student_record
 from kd_lightning.data.batch import batch_size, check_targets, example_batch, normalise_batch
 from kd_lightning.features import FeatureCapture
+from kd_lightning.methods.checkpoints import StudentArtifactCheckpoints
 from kd_lightning.methods.checks import (
     check_class_count,
     rng_state,
@@ -45,16 +44,6 @@ def default_optimizer(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
-def _spec_of(value: Any) -> Any:
-    """A ``class_path``/``init_args`` spec of a module argument, or ``None`` when unknown."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, (list, tuple)):
-        specs = [_spec_of(v) for v in value]
-        return specs if specs and all(s is not None for s in specs) else None
-    return model_spec(value) if isinstance(value, nn.Module) else None
-
-
 def _knowledge_names(arg: str, value: Any) -> list[str]:
     """Knowledge names of a model argument: ``student`` -> [student]; ``peers`` -> [peer0, ...]."""
     if isinstance(value, (list, tuple, nn.ModuleList)):
@@ -63,7 +52,7 @@ def _knowledge_names(arg: str, value: Any) -> list[str]:
     return [arg]
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
     """Base LightningModule of every distillation method.
 
     Subclasses name their models in class attributes and pass them to ``__init__``; the base
@@ -432,100 +421,3 @@ class DistillationModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor},
         }
-
-    # ------------------------------------------------------------------ checkpoints
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of frozen teachers (kept out of checkpoints)."""
-        return tuple(
-            f"{name}."
-            for name, module in self.named_modules()
-            if name and isinstance(module, FrozenTeacher)
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite.raise_if_tripped()
-        prefixes = self.frozen_prefixes()
-        if prefixes:
-            checkpoint["state_dict"] = {
-                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)
-            }
-        exported = self.exported_name
-        path = self.sources[exported]
-        top = path.split(".")[0]
-        spec = self.model_specs.get(top)
-        if isinstance(spec, list):
-            spec = spec[int(path.split(".")[1])]
-        # Callbacks wrote first (the QAT callback's compression record): merge, never replace.
-        checkpoint.setdefault(CHECKPOINT_KEY, {}).update({
-            "format": 2,
-            "student_spec": spec if spec is not None else model_spec(self.exported),
-            "student_prefix": f"{path}.",
-            "num_classes": self.num_classes,
-            "method": f"{type(self).__module__}.{type(self).__qualname__}",
-            "init_specs": self.init_specs(),
-            "rng": rng_state(),
-        })  # fmt: skip
-
-    def init_specs(self) -> dict[str, Any]:
-        """Specs of every module argument that can be rebuilt (for :meth:`load_from_checkpoint`)."""
-        specs = {}
-        for name in self.hparams_ignore:
-            spec = _spec_of(getattr(self, name, None))
-            if spec is not None and name not in self.teacher_args:
-                specs[name] = spec
-        specs.update(self.model_specs)
-        return specs
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Frozen teachers come from their own source, not from this checkpoint: put their
-        # current weights back so strict loading (of everything trained) holds.
-        prefixes = self.frozen_prefixes()
-        if prefixes:
-            own = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
-            checkpoint["state_dict"].update(own)
-        from kd_lightning.compression.loading import compression_record, prepare_for_state_dict
-
-        prepare_for_state_dict(self, checkpoint["state_dict"], compression_record(checkpoint))
-        record = checkpoint.get(CHECKPOINT_KEY, {})
-        if "rng" in record and self._trainer is not None:
-            set_rng_state(record["rng"])  # resume draws the numbers an unbroken run draws
-
-    @classmethod
-    def load_from_checkpoint(
-        cls, checkpoint_path, map_location=None, hparams_file=None, strict=True, **kwargs
-    ):
-        """Rebuild a trained method from its checkpoint (frozen teachers default to ``None``).
-
-        Models are rebuilt from their recorded specs; arguments without one (a model or loss
-        built in Python outside the zoo) must be passed as keyword arguments.
-
-        Raises:
-            ValueError: a required argument cannot be rebuilt; the message names it.
-        """
-        checkpoint = read_checkpoint(checkpoint_path)
-        record = student_record(checkpoint, checkpoint_path)
-        args = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items()
-                if not k.startswith("_")}  # fmt: skip
-        args.update({k: instantiate(v) for k, v in record.get("init_specs", {}).items()})
-        for name in cls.teacher_args:
-            args.setdefault(name, None)
-        args.update(kwargs)
-        parameters = inspect.signature(cls.__init__).parameters
-        missing = [
-            n for n, p in parameters.items()
-            if n != "self" and p.default is inspect.Parameter.empty and n not in args
-            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        ]  # fmt: skip
-        if missing:
-            raise ValueError(
-                f"{str(checkpoint_path)!r} does not record how to rebuild {missing} (built in "
-                f"Python): pass them, e.g. {cls.__name__}.load_from_checkpoint(path, "
-                f"{missing[0]}=<the same module>)"
-            )
-        args = {k: v for k, v in args.items() if k in parameters}
-        model = cls(**args)
-        model.on_load_checkpoint(checkpoint)
-        model.load_state_dict(checkpoint["state_dict"], strict=strict)
-        if map_location is not None:
-            model = model.to(map_location)
-        return model.eval()

@@ -99,5 +99,6 @@ def test_resume_with_dropout_is_bitwise_exact(tmp_path):
     _, first = run(1, root=tmp_path / "first")
     ckpt = first.checkpoint_callback.best_model_path
     resumed, _ = run(2, ckpt=ckpt, root=tmp_path / "resumed")
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    pairs = zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
         assert torch.equal(a, b), name
