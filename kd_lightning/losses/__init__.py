@@ -27,6 +27,14 @@ from kd_lightning.losses.soft_target import (
     SoftTargetKLLoss,
 )
 from kd_lightning.losses.sparse_soft_target import SparseSoftTargetKLLoss
+from kd_lightning.losses.token import (
+    FusedLinearTokenDistillationLoss,
+    TokenDistillationLoss,
+    TokenForwardKLLoss,
+    TokenGeneralizedJSDLoss,
+    TokenReverseKLLoss,
+    TokenTotalVariationLoss,
+)
 
 __all__ = [
     "AttentionTransferLoss",
@@ -36,6 +44,7 @@ __all__ = [
     "DKDLoss",
     "FSPLoss",
     "FitNetsHintLoss",
+    "FusedLinearTokenDistillationLoss",
     "HardLabelCrossEntropy",
     "LogitMatchingMSELoss",
     "LogitStandardizationKDLoss",
@@ -45,5 +54,10 @@ __all__ = [
     "SimilarityPreservingLoss",
     "SoftTargetKLLoss",
     "SparseSoftTargetKLLoss",
+    "TokenDistillationLoss",
+    "TokenForwardKLLoss",
+    "TokenGeneralizedJSDLoss",
+    "TokenReverseKLLoss",
+    "TokenTotalVariationLoss",
     "VIDLoss",
 ]
