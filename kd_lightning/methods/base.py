@@ -12,6 +12,7 @@ it must, which sources run in a step (:meth:`DistillationModule.forward_knowledg
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import lightning as L
@@ -236,41 +237,34 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         if model is None:
             return {}
         capture = self._captures.get(name)
-        teach = model.teach if hasattr(model, "teach") else None
-        if capture is not None:
-            with capture as features:
-                out = (
-                    teach(batch, knowledge)
-                    if teach
-                    else {"logits": call_model(model, batch["input"])}
-                )
-            layers = {f"{name}.{k}": v for k, v in features.items()}
-        else:
-            out = (
-                teach(batch, knowledge) if teach else {"logits": call_model(model, batch["input"])}
-            )
-            layers = {}
-        result = {
-            f"{name}.{k}" if k != "logits" else name: v
-            for k, v in out.items()
-            if not k.startswith("log.")
-        }
-        if name in result:
-            result[name] = output_logits(result[name])
-        result.update({k: v for k, v in out.items() if k.startswith("log.")})
-        result.update(layers)
+        with capture if capture is not None else nullcontext({}) as features:
+            if hasattr(model, "teach"):
+                out = model.teach(batch, knowledge)
+            else:
+                out = {"logits": call_model(model, batch["input"])}
+        result: dict[str, Any] = {}
+        for key, value in out.items():
+            if key == "logits":
+                result[name] = output_logits(value)
+            else:  # "topk" -> "teacher.topk"; "log.<stat>" statistics keep their name
+                result[key if key.startswith("log.") else f"{name}.{key}"] = value
+        result.update({f"{name}.{k}": v for k, v in features.items()})
         return result
 
     def forward_knowledge(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
-        """The step's knowledge: every trained model, then every teacher (override to choose)."""
+        """The step's knowledge: every trained model, then every teacher (override to choose).
+
+        A ``teacher`` argument left ``None`` still runs when the batch carries cached teacher
+        outputs (a :class:`~kd_lightning.teachers.CachedTeacher` stands in).
+        """
+        owner = {name: path.split(".")[0] for name, path in self.sources.items()}
+        trained = [n for n, arg in owner.items() if arg in self.student_args]
+        frozen = [n for n, arg in owner.items() if arg in self.teacher_args]
+        if "teacher" in self.teacher_args and "teacher" not in frozen:
+            frozen.append("teacher")
         knowledge: dict[str, Any] = {}
-        for name in self.sources:
-            if self.sources[name].split(".")[0] in self.student_args:
-                knowledge.update(self.run_source(name, batch, knowledge))
-        for name in [*self.sources, "teacher"]:
-            top = self.sources.get(name, name).split(".")[0]
-            if top in self.teacher_args and name not in knowledge:
-                knowledge.update(self.run_source(name, batch, knowledge))
+        for name in [*trained, *frozen]:
+            knowledge.update(self.run_source(name, batch, knowledge))
         return knowledge
 
     def compute_losses(
