@@ -44,6 +44,7 @@ from kd_lightning.cli_errors import (
     quiet_known_noise,
     run_with_clean_errors,
 )
+from kd_lightning.config_specs import record_config_specs
 from kd_lightning.methods import DistillationModule
 from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
 from kd_lightning.models.spec import _import_class, instantiate
@@ -221,32 +222,6 @@ class RecordInputShape(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self.record is not None:
             checkpoint[INPUT_KEY] = dict(self.record)
-
-
-def _config_specs(init_args: Namespace) -> dict[str, Any]:
-    """``{argument: spec}`` of every class-valued module argument in a parsed model config."""
-    specs: dict[str, Any] = {}
-    for name, value in vars(init_args).items():
-        if name in ("optimizer", "lr_scheduler"):  # callables: the method's default rebuilds
-            continue
-        if isinstance(value, Namespace) and value.get("class_path"):
-            specs[name] = value.as_dict()
-        elif (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, Namespace) and v.get("class_path") for v in value)
-        ):
-            specs[name] = [v.as_dict() for v in value]
-    return specs
-
-
-def record_config_specs(cli: LightningCLI) -> None:
-    """Give the method the specs of its module arguments, so checkpoints can rebuild them."""
-    config = cli.config[cli.subcommand] if cli.subcommand else cli.config
-    model = config.get("model")
-    init_args = model.get("init_args") if isinstance(model, Namespace) else None
-    if isinstance(init_args, Namespace) and hasattr(cli.model, "record_model_specs"):
-        cli.model.record_model_specs(_config_specs(init_args))
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from kd_lightning.bench.files import atomic_write_text
 from kd_lightning.bench.plan import CHECKPOINT_NAME
+from kd_lightning.config_specs import record_config_specs
 
 
 @contextlib.contextmanager
@@ -89,6 +90,12 @@ class StudyCLI(LightningCLI):
         num_classes = getattr(instantiate(data.as_dict()), "num_classes", None)
         if isinstance(num_classes, int):
             _link_num_classes(model, num_classes)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # A user's own model records no spec itself: without the config's, its checkpoint
+        # could not be rebuilt (load_student, a later run's PretrainedTeacher).
+        record_config_specs(self)
 
 
 def build_config(config_path: str | Path) -> StudyCLI:
