@@ -14,6 +14,9 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the cells of each notebook
+from _prototype import cells as prototype_cells  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 SETUP = """\
@@ -141,176 +144,7 @@ assert (predicted == test.targets[:10]).float().mean() >= 0.7""",
     ),
 ]
 
-PROTOTYPE = [
-    (
-        "md",
-        """\
-# 02 · Prototype a new distillation loss in a notebook
-
-A loss is a plain `torch.nn.Module` with the contract `forward(*, student, teacher,
-target=None) -> scalar`. Here we write one that is not in the library — the **Jensen-Shannon
-divergence** between the softened student and teacher distributions (symmetric and bounded,
-unlike Hinton's KL) — plug it into `OfflineDistillation` through a `LossTerm`, and compare it
-with KD in a small study. Nothing in the library is edited.""",
-    ),
-    ("code", SETUP),
-    ("md", "## The loss (about 20 lines)"),
-    (
-        "code",
-        '''\
-import torch.nn.functional as F
-from torch import nn
-
-
-class SoftTargetJSLoss(nn.Module):
-    """Jensen-Shannon divergence of softened student and teacher outputs, times T^2.
-
-    JS(p, q) = KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2 and p, q the softmax at
-    temperature T; bounded by log 2, symmetric. Softmax in float32; the teacher is detached.
-    """
-
-    def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, *, student, teacher, target=None):
-        t = self.temperature
-        log_p = F.log_softmax(student.float() / t, dim=-1)
-        log_q = F.log_softmax(teacher.detach().float() / t, dim=-1)
-        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - torch.log(torch.tensor(2.0))
-        kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
-        kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
-        return 0.5 * (kl_pm + kl_qm).mean() * t * t''',
-    ),
-    (
-        "md",
-        "## Check it against what the equation says\n\nZero for identical inputs, symmetric, "
-        "bounded by `log 2 · T²`, equal to a hand computation, and a gradient for the student only.",
-    ),
-    (
-        "code",
-        """\
-import math
-
-torch.manual_seed(0)
-loss = SoftTargetJSLoss(temperature=2.0)
-s, t = torch.randn(16, 10, requires_grad=True), torch.randn(16, 10, requires_grad=True)
-assert loss(student=t, teacher=t).abs() < 1e-6
-assert torch.allclose(loss(student=s, teacher=t), loss(student=t, teacher=s), atol=1e-6)
-assert loss(student=100 * s, teacher=-100 * s) <= math.log(2) * 4 + 1e-5
-
-p, q = torch.softmax(s / 2, -1), torch.softmax(t / 2, -1)
-m = (p + q) / 2
-by_hand = 0.5 * ((p * (p / m).log()).sum(-1) + (q * (q / m).log()).sum(-1)).mean() * 4
-assert torch.allclose(loss(student=s, teacher=t), by_hand, atol=1e-5)
-
-loss(student=s, teacher=t).backward()
-assert s.grad.abs().sum() > 0 and t.grad is None  # the teacher is never trained
-print("the loss behaves as its equation says")""",
-    ),
-    (
-        "md",
-        """\
-## Compare it with KD in a small study
-
-The study takes runs built in Python: the digits configs with overrides. The new loss goes
-into the KD term's place by its class path, `__main__.SoftTargetJSLoss` (classes defined in a
-notebook live in `__main__`); the CE term stays. All students see 10% of the labels.""",
-    ),
-    (
-        "code",
-        """\
-from kd_lightning.bench import Study, run_study
-
-needs = {"model.init_args.teacher.init_args.checkpoint_path": "teacher"}
-ten_percent = {"data.init_args.labeled_fraction": 0.1}
-js_term = {
-    "model.init_args.loss_terms.0.init_args.name": "js",
-    "model.init_args.loss_terms.0.init_args.loss": {
-        "class_path": "__main__.SoftTargetJSLoss",
-        "init_args": {"temperature": 4.0},
-    },
-}
-study = Study.from_dict(
-    {
-        "name": "prototype-js",
-        "seeds": [0] if FAST else [0, 1, 2],
-        "output_dir": str(OUT / "prototype"),
-        "reference_teacher": "teacher",
-        "baseline": "student_alone@10%",
-        "runs": [
-            {"name": "teacher", "config": "teacher.yaml", "baseline": None},
-            {"name": "student_alone@10%", "config": "student_alone.yaml", "overrides": ten_percent},
-            {"name": "hinton_kd@10%", "config": "hinton_kd.yaml", "overrides": ten_percent, "needs": needs},
-            {"name": "js_kd@10%", "config": "hinton_kd.yaml", "overrides": {**ten_percent, **js_term}, "needs": needs},
-        ],
-    },
-    base_dir=ROOT / "experiments/digits",
-)
-results = run_study(study, overrides={"trainer.max_epochs": 4} if FAST else None)""",
-    ),
-    (
-        "code",
-        """\
-from IPython.display import Image, Markdown, display
-
-display(Markdown(results.paths["markdown"].read_text()))
-display(Image(filename=str(results.paths["png"])))""",
-    ),
-    (
-        "md",
-        "## What the run logged\n\nEvery loss term is logged under its name: `train/loss_js` "
-        "for the new one.",
-    ),
-    (
-        "code",
-        """\
-import csv
-
-js_run = next(r for r in results if r["run"] == "js_kd@10%")
-metrics_file = Path(js_run["checkpoint"]).parent / "logs" / "metrics.csv"
-with metrics_file.open() as f:
-    epochs = [row for row in csv.DictReader(f) if row.get("train/loss_js_epoch")]
-js_curve = [float(row["train/loss_js_epoch"]) for row in epochs]
-print("train/loss_js per epoch:", [round(v, 4) for v in js_curve])
-
-rows = {row["run"]: row for row in results.rows}
-assert "js_kd@10%" in rows, "the prototyped loss has its row in the table"
-assert js_curve[-1] < js_curve[0], "the student moves towards the teacher under the new loss"
-assert rows["js_kd@10%"]["delta_last"] > 0, "JS distillation beats the student alone at 10% labels"
-print(f"JS {rows['js_kd@10%']['acc_last_mean']:.1f}% vs KD {rows['hinton_kd@10%']['acc_last_mean']:.1f}% "
-      f"vs alone {rows['student_alone@10%']['acc_last_mean']:.1f}%")""",
-    ),
-    (
-        "md",
-        "## The same in plain Python\n\nOutside a study, the loss goes straight into "
-        "`OfflineDistillation` with a `LossTerm` and trains with any Lightning `Trainer`.",
-    ),
-    (
-        "code",
-        """\
-import lightning as L
-
-from kd_lightning import LossTerm, OfflineDistillation, PretrainedTeacher
-from kd_lightning.data import DigitsTransferSet
-from kd_lightning.losses import HardLabelCrossEntropy
-from kd_lightning.models import MLP
-
-teacher_checkpoint = next(r for r in results if r["run"] == "teacher")["checkpoint"]
-method = OfflineDistillation(
-    student=MLP(num_classes=10, hidden_sizes=[32]),
-    teacher=PretrainedTeacher(teacher_checkpoint),
-    loss_terms=[
-        LossTerm(SoftTargetJSLoss(temperature=4.0), weight=0.9, name="js"),
-        LossTerm(HardLabelCrossEntropy(), weight=0.1, name="ce"),
-    ],
-)
-trainer = L.Trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=2, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-trainer.fit(method, DigitsTransferSet(labeled_fraction=0.1))
-assert {"train/loss_js_epoch", "train/loss_ce_epoch", "val/agreement"} <= set(trainer.callback_metrics)""",
-    ),
-]
+PROTOTYPE = prototype_cells(SETUP)
 
 READ = [
     (
@@ -346,7 +180,7 @@ results = run_study(
     wandb={"project": "kd-notebook", "mode": "offline"},
     echo=False,
 )
-print(sorted(p.name for p in (OUT / "study").iterdir()))""",
+print(results.paths["csv"])  # a quick check (fast mode) writes under quick-checks/""",
     ),
     ("md", "## The table, from `results.csv`"),
     (
@@ -354,7 +188,7 @@ print(sorted(p.name for p in (OUT / "study").iterdir()))""",
         """\
 from kd_lightning.bench import read_csv
 
-table = read_csv(OUT / "study" / "results.csv")
+table = read_csv(results.paths["csv"])
 columns = ["run", "acc_last_mean", "acc_last_std", "acc_best_val_mean", "delta_last", "agreement_mean", "params"]
 for row in table:
     print("  ".join(f"{row[c]!s:>18}" for c in columns))
@@ -407,7 +241,7 @@ for name, curve in curves.items():  # the best-val column comes from the best ep
 from kd_lightning.bench import read_offline_runs
 from kd_lightning.bench.wandb_offline import read_table
 
-runs = read_offline_runs(OUT / "study" / "wandb")
+runs = read_offline_runs(results.output_dir / "wandb")
 for run in runs:
     print(f"{run.name:24} group={run.group} job={run.job_type:8} history rows={len(run.history)}")
 assert len({run.group for run in runs}) == 1  # one study, one group
