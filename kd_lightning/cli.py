@@ -19,6 +19,9 @@ What this CLI adds to LightningCLI:
 * Every checkpoint records the shape of one input sample (``kd_lightning_input``), so
   ``export`` can build an example input without the data.
 * Errors are printed first and alone, noise is filtered: see :mod:`kd_lightning.cli_errors`.
+* ``fit`` writes ``checkpoints/best.ckpt`` (by the method's ``monitor``), ``last.ckpt`` and
+  ``config.yaml`` into the run's own folder, prints one line per epoch off a terminal and a
+  summary with those paths at the end: see :mod:`kd_lightning.cli_run_files`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from kd_lightning.cli_errors import (
     quiet_known_noise,
     run_with_clean_errors,
 )
+from kd_lightning.cli_run_files import RunFolderConfig, prepare_fit
 from kd_lightning.config_specs import record_config_specs
 from kd_lightning.methods import DistillationModule
 from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
@@ -224,6 +228,13 @@ class RecordInputShape(Callback):
             checkpoint[INPUT_KEY] = dict(self.record)
 
 
+def configured_callbacks(cli: LightningCLI) -> list[Callback]:
+    """The callbacks the config listed under ``trainer.callbacks`` (built), in order."""
+    config = cli.config_init[cli.subcommand] if cli.subcommand else cli.config_init
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 # --------------------------------------------------------------------------- the CLI
 class KDLightningCLI(LightningCLI):
     """LightningCLI for distillation: any method, any data module, ``num_classes`` from the data."""
@@ -288,8 +299,11 @@ class KDLightningCLI(LightningCLI):
         record_config_specs(self)
 
     def instantiate_trainer(self, **kwargs: Any):
+        configured = configured_callbacks(self)  # before Lightning adds its defaults to the list
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.insert(0, RecordInputShape())
+        if self.subcommand in (None, "fit"):  # best.ckpt/last.ckpt, epoch lines, summary
+            prepare_fit(trainer, self.model, configured)
         return trainer
 
     def before_fit(self) -> None:
@@ -308,6 +322,7 @@ def build_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> KDLightni
     quiet_known_noise()
     if not run:
         kwargs.setdefault("save_config_callback", None)
+    kwargs.setdefault("save_config_callback", RunFolderConfig)  # config.yaml in the run folder
     # Errors reach main(), which prints the library's sentence first (never argparse's exit).
     no_exit = {"exit_on_error": False}
     kwargs.setdefault(

@@ -378,7 +378,7 @@ def run_study(
     )
     if tracker is not None:
         tracker.log_table(rows, study_name=study.name, plot=paths.get("png"))
-        tracker.close()
+        tracker.close(say)
     results.rows, results.paths, results.output_dir = rows, paths, study.output_dir
     results.quick_check = quick_check
     return results

@@ -11,7 +11,8 @@ resumed study continues in the same group) and a job type:
 - ``distill``: everything else.
 
 After the last run, a ``summary`` run of the group holds the study table as a W&B Table and
-the plot. When wandb cannot start (not installed, no network in online mode, a bad entity),
+the plot, and the study prints where the runs are (with ``wandb sync <folders>`` for offline
+runs). When wandb cannot start (not installed, no network in online mode, a bad entity),
 the study warns once and goes on with CSV logs only.
 """
 
@@ -99,6 +100,9 @@ class StudyTracker:
         self.group = settings.group or group
         self.directory = Path(directory)
         self.failed: str | None = None
+        self.run_folders: list[Path] = []
+        """The folder of every run this tracker started (``.../wandb/offline-run-*``)."""
+        self.offline = False
 
     def _warn(self, error: BaseException) -> None:
         if self.failed is None:
@@ -136,6 +140,9 @@ class StudyTracker:
                 settings=wandb.Settings(init_timeout=60, silent=True, console="off"),
             )
             run.config.update({"study_run_dir": str(run_dir)}, allow_val_change=True)
+            if getattr(run, "dir", None):
+                self.run_folders.append(Path(run.dir).parent)  # run.dir: <run folder>/files
+                self.offline = bool(getattr(run, "offline", False))
             return run, WandbLogger(experiment=run, log_model=False)
         except Exception as error:  # noqa: BLE001 - any failure to start degrades to CSV
             self._warn(error)
@@ -196,10 +203,28 @@ class StudyTracker:
         except Exception as error:  # noqa: BLE001
             self._warn(error)
 
-    def close(self) -> None:
-        """Shut the W&B service down so every run file is complete on disk (offline readers)."""
+    def where(self) -> list[str]:
+        """Lines saying where this study's W&B runs are and, offline, how to upload them."""
+        if not self.run_folders:
+            return []
+        parents = sorted({str(folder.parent) for folder in self.run_folders})
+        count = len(self.run_folders)
+        if not self.offline:
+            project = self.settings.project
+            return [f"W&B: {count} run(s) in group {self.group!r} of project {project!r}"]
+        lines = [f"W&B: {count} offline run(s) in {', '.join(parents)}"]
+        pattern = " ".join(f"{parent}/offline-run-*" for parent in parents)
+        lines.append(f"  upload them with: wandb sync {pattern}")
+        return lines
+
+    def close(self, say: Any = None) -> None:
+        """Shut the W&B service down so every run file is complete on disk (offline readers);
+        then ``say`` (e.g. ``print``) where the runs are (:meth:`where`)."""
         if self.failed is None:
             with contextlib.suppress(Exception):
                 import wandb
 
                 wandb.teardown()
+        if say is not None:
+            for line in self.where():
+                say(line, flush=True)

@@ -1,0 +1,155 @@
+"""Where ``kd-lightning fit`` writes a run's files, and what it prints about them.
+
+Every fit writes into one folder per run, the folder Lightning's logger gives the run
+(``<save_dir>/<name>/version_<N>`` for the CSV and TensorBoard loggers,
+``<save_dir>/<project>/<run id>`` for W&B, ``<default_root_dir>`` without a logger):
+
+* ``checkpoints/best.ckpt``: the epoch with the best value of the method's ``monitor`` (its
+  ``mode``: ``val/acc``, max, for every method of this library);
+* ``checkpoints/last.ckpt``: the last epoch (resume with ``--ckpt_path`` on it);
+* ``config.yaml``: the resolved config (:class:`RunFolderConfig`; Lightning's own callback
+  writes into the logger's ``save_dir``, shared by every W&B run).
+
+The checkpoint callback is the CLI's default: a config that lists its own
+:class:`~lightning.pytorch.callbacks.ModelCheckpoint` writing elsewhere (the teacher configs keep
+a stable ``teacher.ckpt`` that distillation configs read) gets the default as well; one that
+writes into the run folder itself (no ``dirpath``) replaces it; ``enable_checkpointing: false``
+turns every checkpoint off. Off a terminal Lightning's bar (TQDM, or Rich) becomes one line per epoch
+(:class:`~kd_lightning.callbacks.progress.EpochLines`), and at the end of fit
+:class:`~kd_lightning.callbacks.progress.FitSummary` prints the metric and these paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning as L
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+from lightning.pytorch.cli import SaveConfigCallback
+
+from kd_lightning.callbacks.progress import EpochLines, FitSummary
+
+
+def _version(package: str) -> tuple[int, ...]:
+    numbers = re.findall(r"\d+", metadata.version(package))[:2]
+    return tuple(int(n) for n in numbers)
+
+
+BEST_NAME = "best"
+"""File stem of the best checkpoint (``best.ckpt``); the last one is Lightning's ``last.ckpt``."""
+
+
+_SKIP_UNSET = "skip_unset" if _version("jsonargparse") >= (4, 49) else "skip_none"
+
+
+def run_folder(trainer: L.Trainer) -> Path:
+    """The run's own folder: where Lightning's ``ModelCheckpoint`` puts ``checkpoints/`` when it
+    has no ``dirpath`` (the same rule, so config and checkpoints sit side by side)."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return Path(save_dir) / str(logger.name) / version
+
+
+class RunFolderConfig(SaveConfigCallback):
+    """LightningCLI's ``SaveConfigCallback``, writing ``config.yaml`` into :func:`run_folder`.
+
+    Lightning writes it into ``trainer.log_dir``, which for loggers other than CSV and
+    TensorBoard (W&B) is the logger's ``save_dir``: every run would write the same file.
+    """
+
+    config_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = Path(trainer.strategy.broadcast(str(run_folder(trainer))))
+        path = folder / self.config_filename
+        exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
+        if exists and not self.overwrite:
+            raise RuntimeError(
+                f"{path} exists: a previous run's config. Pass another logger version or folder "
+                "(e.g. --trainer.logger.init_args.version), or delete that file."
+            )
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Every value, None included (reproducible); jsonargparse 4.49 renamed skip_none.
+            keep_none = {_SKIP_UNSET: False}
+            self.parser.save(
+                self.config,
+                os.fspath(path),
+                overwrite=self.overwrite,
+                multifile=self.multifile,
+                **keep_none,
+            )
+            self.save_config(trainer, pl_module, stage)
+        self.config_path = path
+        self.already_saved = trainer.strategy.broadcast(True)
+
+
+def default_checkpoint(model: Any) -> ModelCheckpoint:
+    """``best.ckpt`` by the method's ``monitor``/``mode`` class attributes, and ``last.ckpt``."""
+    return ModelCheckpoint(
+        filename=BEST_NAME,
+        monitor=getattr(model, "monitor", None),
+        mode=getattr(model, "mode", "min"),
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def prepare_fit(
+    trainer: L.Trainer,
+    model: Any,
+    configured: Sequence[Callback] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Give a CLI fit its default checkpoints, its progress lines and its end-of-fit summary.
+
+    Args:
+        trainer: the trainer LightningCLI built.
+        model: the method (its ``monitor`` and ``mode`` choose ``best.ckpt``).
+        configured: the callbacks the config listed (to tell them from Lightning's defaults).
+        stream: where progress and summary go (default ``sys.stdout``; its ``isatty`` decides
+            between Lightning's bar and one line per epoch).
+    """
+    stream = stream or sys.stdout
+    listed = {id(c) for c in configured}
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    if checkpoints:  # checkpointing on
+        own = [c for c in checkpoints if id(c) in listed]
+        if not any(c.dirpath is None for c in own):  # nobody else writes into the run folder
+            # Lightning added its default (epoch=X-step=Y.ckpt) when the config listed none.
+            lightning_default = {id(c) for c in checkpoints if id(c) not in listed}
+            trainer.callbacks[:] = [c for c in trainer.callbacks if id(c) not in lightning_default]
+            trainer.callbacks.append(default_checkpoint(model))  # checkpoints run last
+    bar = trainer.progress_bar_callback
+    lightning_bar = type(bar) in (TQDMProgressBar, RichProgressBar) and id(bar) not in listed
+    if lightning_bar and not _is_terminal(stream):
+        trainer.callbacks[trainer.callbacks.index(bar)] = EpochLines(stream)
+    mode = getattr(model, "mode", "max")
+    summary = FitSummary(
+        getattr(model, "monitor", None) or "val/acc",
+        mode if mode in ("max", "min") else "max",
+        stream,
+    )
+    trainer.callbacks.insert(0, summary)
