@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.models.spec import records_init_args
+
 __all__ = [
     "Conv1x1Connector",
     "FeatureMapToTokens",
@@ -95,6 +97,7 @@ def _grid(num_tokens: int, who: str) -> tuple[int, int]:
     return side, side
 
 
+@records_init_args
 class LinearConnector(nn.Module):
     """Linear projection of the last dimension: ``(B, D) -> (B, D')`` or ``(B, N, D) -> (B, N, D')``.
 
@@ -117,6 +120,7 @@ class LinearConnector(nn.Module):
         return self.proj(x)
 
 
+@records_init_args
 class Conv1x1Connector(nn.Module):
     """FitNets regressor: 1x1 convolution (+ BatchNorm), optionally resized to the teacher's grid.
 
@@ -159,6 +163,7 @@ class Conv1x1Connector(nn.Module):
         return self.norm(x)
 
 
+@records_init_args
 class FeatureMapToTokens(nn.Module):
     """CNN -> transformer bridge: ``(B, C, H, W) -> (B, N, D)``.
 
@@ -199,6 +204,7 @@ class FeatureMapToTokens(nn.Module):
         return tokens
 
 
+@records_init_args
 class TokensToFeatureMap(nn.Module):
     """Transformer -> CNN bridge: ``(B, N, D) -> (B, C, H, W)``.
 
@@ -247,6 +253,7 @@ class TokensToFeatureMap(nn.Module):
         return fmap
 
 
+@records_init_args
 class TokenPoolConnector(nn.Module):
     """Pool tokens to one vector, then project: ``(B, N, D) -> (B, D')``.
 

@@ -64,6 +64,7 @@ __all__ = [
     "TokensToFeatureMap",
     "check_feature_shapes",
     "feature_shapes",
+    "is_compiled",
     "list_layer_names",
     "suggest_connector",
     "unwrap_model",
@@ -123,6 +124,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules runs through ``torch.compile``."""
+    return any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 def list_layer_names(model: nn.Module) -> list[str]:
@@ -266,6 +275,14 @@ class FeatureCapture:
     is captured: capture the previous module's output instead. ``nn.DataParallel`` on several
     GPUs is not supported (replicas overwrite each other); use DDP.
 
+    Compiled models (``torch.compile(model)``, ``model.compile()``, or compiled submodules):
+    a compiled graph runs the hooks that existed when it was traced and does not look for new
+    ones, so hooks added per step would be skipped. For such a model the hooks are registered
+    once, here, and stay (they store tensors only inside the ``with`` block); compiled graphs
+    traced before are discarded (``torch.compiler.reset()``) so the next call traces the
+    hooks into the graph. The capture then costs no graph break and no recompilation per step.
+    :meth:`close` removes the hooks.
+
     Args:
         model: the model to read from; may be wrapped in DDP / DataParallel / ``torch.compile``
             (names are resolved on the inner module, a leading ``"module."`` is ignored).
@@ -284,6 +301,11 @@ class FeatureCapture:
         self._modules = [_resolve_module(root, spec.path) for spec in self.specs]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._features: _MissingFeatures | None = None
+        self.persistent = is_compiled(model)
+        """Hooks stay registered between steps (a compiled model, see above)."""
+        if self.persistent:
+            self._register()
+            torch.compiler.reset()  # graphs traced before the hooks existed would skip them
 
     @property
     def layers(self) -> list[str]:
@@ -293,7 +315,7 @@ class FeatureCapture:
     @property
     def active(self) -> bool:
         """Whether hooks are currently registered (inside the ``with`` block)."""
-        return bool(self._handles)
+        return self._features is not None
 
     @property
     def features(self) -> dict[str, torch.Tensor]:
@@ -305,11 +327,15 @@ class FeatureCapture:
             )
         return self._features
 
-    def _make_hook(self, spec: FeatureSpec, store: dict[str, torch.Tensor]):
+    def _make_hook(self, spec: FeatureSpec):
+        # The hook stores into the current step's dict; outside a `with` block there is none
+        # (only a persistent hook of a compiled model runs then, and it stores nothing).
         if spec.kind == "output":
 
             def hook(module: nn.Module, args: tuple, output: Any) -> None:
-                store[spec.spec] = _select(output, spec)
+                store = self._features
+                if store is not None:
+                    store[spec.spec] = _select(output, spec)
 
         else:
             # Integer selectors index the positional args, names the keyword args; without a
@@ -317,6 +343,9 @@ class FeatureCapture:
             first = spec.selectors[0] if spec.selectors else None
 
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                store = self._features
+                if store is None:
+                    return
                 if isinstance(first, int):
                     value: Any = args
                 elif isinstance(first, str):
@@ -327,29 +356,39 @@ class FeatureCapture:
 
         return hook
 
-    def __enter__(self) -> dict[str, torch.Tensor]:
-        if self._handles:
-            raise RuntimeError("FeatureCapture is already active; it cannot be entered twice")
-        store = _MissingFeatures()
-        self._features = store
+    def _register(self) -> None:
         try:
             for spec, module in zip(self.specs, self._modules, strict=True):
-                hook = self._make_hook(spec, store)
+                hook = self._make_hook(spec)
                 if spec.kind == "output":
                     handle = module.register_forward_hook(hook)
                 else:
                     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
                 self._handles.append(handle)
         except BaseException:
-            self.__exit__(None, None, None)
+            self.close()
             raise
-        return store
 
-    def __exit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
+        """Remove every hook (a persistent capture's too); the capture is not used after."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._features = None
+
+    def __enter__(self) -> dict[str, torch.Tensor]:
+        if self._features is not None:
+            raise RuntimeError("FeatureCapture is already active; it cannot be entered twice")
+        store = _MissingFeatures()
+        if not self.persistent:
+            self._register()
+        self._features = store
+        return store
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._features = None
+        if not self.persistent:
+            self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layers={self.layers})"
@@ -381,8 +420,11 @@ def feature_shapes(
         RuntimeError: a layer did not run during the forward pass.
     """
     capture = FeatureCapture(model, layers)
-    with torch.no_grad(), _eval_mode(model), capture as feats:
-        model(*args, **kwargs)
+    try:
+        with torch.no_grad(), _eval_mode(model), capture as feats:
+            model(*args, **kwargs)
+    finally:
+        capture.close()
     missing = [spec for spec in capture.layers if spec not in feats]
     if missing:
         raise RuntimeError(f"layers {missing} did not run during the forward pass")

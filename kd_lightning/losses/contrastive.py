@@ -16,8 +16,10 @@ from torch import nn
 
 from kd_lightning.functional._precision import upcast
 from kd_lightning.functional.contrastive import _crd_core, sample_negatives
+from kd_lightning.models.spec import records_init_args
 
 
+@records_init_args
 class CRDLoss(nn.Module):
     """Contrastive representation distillation with momentum memory banks (Tian et al., ICLR 2020).
 

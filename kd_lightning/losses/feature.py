@@ -28,8 +28,10 @@ from kd_lightning.functional.feature import (
     neuron_selectivity_transfer,
     variational_information,
 )
+from kd_lightning.models.spec import records_init_args
 
 
+@records_init_args
 class FitNetsHintLoss(nn.Module):
     """FitNets hint loss: mean squared error between the connected student feature and the teacher hint.
 
@@ -45,6 +47,7 @@ class FitNetsHintLoss(nn.Module):
         return fitnets_hint(student, teacher)
 
 
+@records_init_args
 class AttentionTransferLoss(nn.Module):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) between L2-normalised attention maps.
 
@@ -79,6 +82,7 @@ class AttentionTransferLoss(nn.Module):
         return attention_transfer(student, teacher, self.p, self.channel_dim)
 
 
+@records_init_args
 class NSTLoss(nn.Module):
     """Neuron selectivity transfer (Huang & Wang, 2017): squared MMD with the kernel ``(x.y)^2``.
 
@@ -94,6 +98,7 @@ class NSTLoss(nn.Module):
         return neuron_selectivity_transfer(student, teacher)
 
 
+@records_init_args
 class FSPLoss(nn.Module):
     """Flow of Solution Procedure matrices (Yim et al., CVPR 2017), one pair of layers.
 
@@ -114,6 +119,7 @@ class FSPLoss(nn.Module):
         return flow_of_solution_procedure(student, teacher)
 
 
+@records_init_args
 class VIDLoss(nn.Module):
     """Variational information distillation (Ahn et al., CVPR 2019).
 

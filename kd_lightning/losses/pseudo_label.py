@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.models.spec import records_init_args
 
+
+@records_init_args
 class TeacherTopOneCrossEntropy(nn.Module):
     """``CE(student, argmax(teacher))`` averaged over the batch (see the module docstring)."""
 

@@ -24,8 +24,10 @@ from kd_lightning.functional.relation import (
     relational_kd,
     similarity_preserving,
 )
+from kd_lightning.models.spec import records_init_args
 
 
+@records_init_args
 class RKDLoss(nn.Module):
     """Relational KD (Park et al., CVPR 2019): Huber loss on distance and angle potentials.
 
@@ -68,6 +70,7 @@ class RKDLoss(nn.Module):
         return relational_kd(student, teacher, self.distance_weight, self.angle_weight, self.eps)
 
 
+@records_init_args
 class SimilarityPreservingLoss(nn.Module):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019): ``||G_T - G_S||_F^2 / b^2``.
 
@@ -83,6 +86,7 @@ class SimilarityPreservingLoss(nn.Module):
         return similarity_preserving(student, teacher)
 
 
+@records_init_args
 class CorrelationCongruenceLoss(nn.Module):
     """Correlation congruence (Peng et al., ICCV 2019): match the batch correlation matrices.
 
@@ -116,6 +120,7 @@ class CorrelationCongruenceLoss(nn.Module):
         return correlation_congruence(student, teacher, self.kernel, self.gamma, self.order)
 
 
+@records_init_args
 class PKTLoss(nn.Module):
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018).
 

@@ -19,6 +19,7 @@ from kd_lightning.functional.response import (
     dist_loss,
     logit_standardization_kd,
 )
+from kd_lightning.models.spec import records_init_args
 
 
 def _check_positive(name: str, value: float, hint: str) -> float:
@@ -33,6 +34,7 @@ def _check_non_negative(name: str, value: float, hint: str) -> float:
     return float(value)
 
 
+@records_init_args
 class DKDLoss(nn.Module):
     """Decoupled Knowledge Distillation: ``T^2 (alpha * TCKD + beta * NCKD)`` (Zhao et al., CVPR 2022).
 
@@ -83,6 +85,7 @@ class DKDLoss(nn.Module):
         )
 
 
+@records_init_args
 class LogitStandardizationKDLoss(nn.Module):
     """KD on Z-score standardised logits (Sun et al., CVPR 2024, "Logit Standardization in KD").
 
@@ -119,6 +122,7 @@ class LogitStandardizationKDLoss(nn.Module):
         return logit_standardization_kd(student, teacher, self.temperature, self.eps, self.unbiased)
 
 
+@records_init_args
 class DISTLoss(nn.Module):
     """DIST: inter- and intra-class Pearson relations of predictions (Huang et al., NeurIPS 2022).
 

@@ -24,9 +24,11 @@ from kd_lightning.functional.self_knowledge import (
     probability_mse,
     progressive_self_kd,
 )
+from kd_lightning.models.spec import records_init_args
 from kd_lightning.objective.schedule import Progress, Schedule
 
 
+@records_init_args
 class BranchHintLoss(nn.Module):
     """BYOT's feature hint: ``mean_b ||pool(e_b) - pool(f_b)||^2`` (Zhang et al. 2019).
 
@@ -44,6 +46,7 @@ class BranchHintLoss(nn.Module):
         return branch_hint(student, teacher)
 
 
+@records_init_args
 class ConsistencyMSELoss(nn.Module):
     """Mean-teacher consistency ``mean_b ||softmax(z_b) - softmax(v_b)||^2`` (Tarvainen & Valpola 2017).
 
@@ -60,6 +63,7 @@ class ConsistencyMSELoss(nn.Module):
         return probability_mse(student, teacher)
 
 
+@records_init_args
 class PSKDLoss(nn.Module):
     """PS-KD: cross-entropy with targets ``(1 - alpha_t) y + alpha_t softmax(v)`` (Kim et al. 2021).
 
@@ -115,6 +119,7 @@ class PSKDLoss(nn.Module):
         return progressive_self_kd(student, teacher, target, alpha)
 
 
+@records_init_args
 class CSKDLoss(nn.Module):
     """CS-KD's class-wise regulariser ``T^2 KL(softmax(v/T) || softmax(z/T))`` (Yun et al. 2020).
 

@@ -15,8 +15,10 @@ from kd_lightning.functional.soft_target import (
     logit_matching_mse,
     soft_target_kl,
 )
+from kd_lightning.models.spec import records_init_args
 
 
+@records_init_args
 class SoftTargetKLLoss(nn.Module):
     """Soft-target distillation: ``T^2 * KL(softmax(v/T) || softmax(z/T))`` (Hinton et al. 2015).
 
@@ -48,6 +50,7 @@ class SoftTargetKLLoss(nn.Module):
         return soft_target_kl(student, teacher, self.temperature, self.scale_by_t2)
 
 
+@records_init_args
 class HardLabelCrossEntropy(nn.Module):
     """Cross-entropy with the hard labels; samples with ``target == -1`` (unlabeled) are ignored."""
 
@@ -59,6 +62,7 @@ class HardLabelCrossEntropy(nn.Module):
         return hard_label_cross_entropy(student, target)
 
 
+@records_init_args
 class LogitMatchingMSELoss(nn.Module):
     """Logit regression (Ba & Caruana 2014), Hinton's high-temperature limit.
 

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from kd_lightning.functional.sparse_soft_target import sparse_soft_target_kl
+from kd_lightning.models.spec import records_init_args
 
 
+@records_init_args
 class SparseSoftTargetKLLoss(nn.Module):
     """``T^2 * KL`` over the teacher's top-k classes plus one bucket holding the rest of the mass.
 

@@ -26,6 +26,7 @@ from kd_lightning.functional.token_chunked import (
     chunked_token_divergence,
     fused_linear_token_divergence,
 )
+from kd_lightning.models.spec import records_init_args
 
 
 def _check_chunk_size(chunk_size: int | None) -> int | None:
@@ -39,6 +40,7 @@ def _check_chunk_size(chunk_size: int | None) -> int | None:
     return chunk_size
 
 
+@records_init_args
 class TokenDistillationLoss(nn.Module):
     r"""Per-token divergence between teacher and student next-token distributions.
 
@@ -130,6 +132,7 @@ class TokenDistillationLoss(nn.Module):
         )
 
 
+@records_init_args
 class TokenForwardKLLoss(TokenDistillationLoss):
     """Forward KL(teacher || student) per token (word-level KD, Kim & Rush 2016); mass-covering.
 
@@ -158,6 +161,7 @@ class TokenForwardKLLoss(TokenDistillationLoss):
         )
 
 
+@records_init_args
 class TokenReverseKLLoss(TokenDistillationLoss):
     """Reverse KL(student || teacher) per token (MiniLLM, Gu et al. 2024); mode-seeking.
 
@@ -188,6 +192,7 @@ class TokenReverseKLLoss(TokenDistillationLoss):
         )
 
 
+@records_init_args
 class TokenGeneralizedJSDLoss(TokenDistillationLoss):
     r"""GKD's generalized JSD per token (Agarwal et al. 2024, eq. 1).
 
@@ -221,6 +226,7 @@ class TokenGeneralizedJSDLoss(TokenDistillationLoss):
         )
 
 
+@records_init_args
 class TokenTotalVariationLoss(TokenDistillationLoss):
     r"""Total variation distance :math:`\tfrac12 \sum_i |p_i - q_i|` per token (Wen et al. 2023).
 
@@ -250,6 +256,7 @@ class TokenTotalVariationLoss(TokenDistillationLoss):
         )
 
 
+@records_init_args
 class FusedLinearTokenDistillationLoss(TokenDistillationLoss):
     """Token distillation from the student's final hidden states and output layer, fused.
 

@@ -214,6 +214,8 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
 
     def _make_captures(self) -> None:
         """Hook the layers of :meth:`hooked_layers` (validated now: a typo fails at once)."""
+        for capture in self._captures.values():
+            capture.close()  # a compiled model's hooks stay registered until closed
         self._captures = {}
         for model_name, layers in self.hooked_layers().items():
             model = self.source(model_name)

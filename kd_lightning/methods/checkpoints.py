@@ -13,7 +13,7 @@ from torch import nn
 
 from kd_lightning.artifact import CHECKPOINT_KEY, read_checkpoint, student_record
 from kd_lightning.methods.checks import rng_state, set_rng_state
-from kd_lightning.models.spec import instantiate, model_spec
+from kd_lightning.models.spec import Unrecordable, instantiate, model_spec, object_spec
 from kd_lightning.teachers import FrozenTeacher
 
 
@@ -29,6 +29,31 @@ def spec_of(value: Any) -> Any:
 
 class StudentArtifactCheckpoints:
     """Checkpoint hooks of :class:`~kd_lightning.methods.DistillationModule` (a mixin)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # The objective the caller gave (not the defaults a method builds from temperature or
+        # alpha, which its hyperparameters rebuild): recorded so a run built in Python reloads
+        # with its own loss terms, connectors and learnable loss parts.
+        instance = super().__new__(cls)
+        try:
+            given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+        except TypeError:  # __init__ reports wrong arguments itself
+            given = {}
+        terms, spec, unrecorded = given.get("loss_terms"), None, None
+        if terms is not None:
+            try:
+                spec = object_spec(terms)
+            except Unrecordable as why:
+                unrecorded = str(why)
+        instance.__dict__["_loss_terms_record"] = (spec, unrecorded)
+        return instance
+
+    def unrecorded_arguments(self) -> dict[str, str]:
+        """``{argument: why}`` of arguments given in Python that no spec can rebuild."""
+        spec, why = self.__dict__.get("_loss_terms_record", (None, None))
+        if why is None or "loss_terms" in self.model_specs:  # the CLI recorded its config
+            return {}
+        return {"loss_terms": why}
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of frozen teachers (kept out of checkpoints)."""
@@ -59,12 +84,16 @@ class StudentArtifactCheckpoints:
             "num_classes": self.num_classes,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
             "init_specs": self.init_specs(),
+            "unrecorded": self.unrecorded_arguments(),
             "rng": rng_state(),
         })  # fmt: skip
 
     def init_specs(self) -> dict[str, Any]:
         """Specs of every module argument that can be rebuilt (for :meth:`load_from_checkpoint`)."""
         specs = {}
+        terms = self.__dict__.get("_loss_terms_record", (None, None))[0]
+        if terms is not None:
+            specs["loss_terms"] = terms
         for name in self.hparams_ignore:
             spec = spec_of(getattr(self, name, None))
             if spec is not None and name not in self.teacher_args:
@@ -105,6 +134,15 @@ class StudentArtifactCheckpoints:
         args.update({k: instantiate(v) for k, v in record.get("init_specs", {}).items()})
         for name in cls.teacher_args:
             args.setdefault(name, None)
+        unrecorded = {k: v for k, v in record.get("unrecorded", {}).items() if k not in kwargs}
+        if unrecorded:
+            name, why = next(iter(unrecorded.items()))
+            raise ValueError(
+                f"{str(checkpoint_path)!r} was trained with `{name}` built in Python that no "
+                f"spec records ({why}): pass them, e.g. {cls.__name__}.load_from_"
+                f"checkpoint(path, {name}=<the same objects>), or decorate the class with "
+                "kd_lightning.models.records_init_args so checkpoints record it"
+            )
         args.update(kwargs)
         parameters = inspect.signature(cls.__init__).parameters
         missing = [

@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from pathlib import PurePath
 from typing import Any
 
+import torch
 from torch import nn
 
 SPEC_ATTRIBUTE = "_kd_spec"
@@ -24,29 +26,93 @@ def class_path_of(obj_or_cls: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def records_init_args(cls: type[nn.Module]) -> type[nn.Module]:
+def records_init_args(cls: type) -> type:
     """Class decorator: the instance remembers ``{"class_path", "init_args"}`` it was built with.
 
-    Only the outermost constructor records (a subclass's call to ``super().__init__`` does not
-    overwrite the subclass's own spec).
+    The one mechanism by which models of the zoo, loss terms, losses, connectors and schedules
+    become rebuildable from a checkpoint (:func:`object_spec` turns the record into plain data).
+    The class's own constructor records; so does a subclass that inherits it unchanged. A
+    subclass with its own ``__init__`` records only if it is decorated too (its arguments are
+    not its parent's), so no object ever carries a spec that would rebuild something else.
     """
     original_init = cls.__init__
     signature = inspect.signature(original_init)
 
     @functools.wraps(original_init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        if type(self) is cls or SPEC_ATTRIBUTE not in self.__dict__:
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
-            self.__dict__[SPEC_ATTRIBUTE] = {
-                "class_path": class_path_of(self),
-                "init_args": init_args,
-            }
+        if type(self) is cls or type(self).__init__ is __init__:
+            init_args = _bound_init_args(signature, self, args, kwargs)
+            if init_args is not None:
+                self.__dict__[SPEC_ATTRIBUTE] = {
+                    "class_path": class_path_of(self),
+                    "init_args": init_args,
+                }
 
     cls.__init__ = __init__
     return cls
+
+
+def _bound_init_args(
+    signature: inspect.Signature, obj: Any, args: tuple, kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Keyword arguments that rebuild ``obj`` (``None`` when extra positionals make it unknown)."""
+    bound = signature.bind(obj, *args, **kwargs)
+    bound.apply_defaults()
+    init_args: dict[str, Any] = {}
+    for index, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if index == 0:
+            continue  # self
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            init_args.update(value)
+        else:
+            init_args[name] = value
+    return init_args
+
+
+class Unrecordable(TypeError):
+    """A value has no spec (a user's own class or a function): it cannot be rebuilt from data."""
+
+
+def object_spec(value: Any) -> Any:
+    """``value`` as plain data that :func:`instantiate` rebuilds, nested specs included.
+
+    Objects built by a :func:`records_init_args` class become ``{"class_path", "init_args"}``
+    with every argument converted the same way; numbers, strings, ``None``, tensors, lists,
+    tuples (as lists) and string-keyed dicts stay as they are; paths become strings.
+
+    Raises:
+        Unrecordable: some part records no spec; the message names its type.
+    """
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [object_spec(v) for v in value]
+    if isinstance(value, dict) and "class_path" not in value and "_class_path" not in value:
+        if not all(isinstance(k, str) for k in value):
+            raise Unrecordable("a dict with non-string keys")
+        return {k: object_spec(v) for k, v in value.items()}
+    if isinstance(value, dict):  # already a spec (from a config)
+        return value
+    spec = getattr(value, "__dict__", {}).get(SPEC_ATTRIBUTE)
+    if spec is None:
+        raise Unrecordable(f"{type(value).__qualname__} records no init arguments")
+    init_args = {k: object_spec(v) for k, v in spec["init_args"].items()}
+    return {"class_path": spec["class_path"], "init_args": init_args}
+
+
+def try_object_spec(value: Any) -> Any:
+    """:func:`object_spec`, or ``None`` when some part cannot be recorded."""
+    try:
+        return object_spec(value)
+    except Unrecordable:
+        return None
 
 
 def model_spec(module: nn.Module) -> dict[str, Any] | None:

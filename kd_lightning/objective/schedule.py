@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kd_lightning.models.spec import records_init_args
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -43,14 +45,16 @@ class Schedule:
         return True
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
+@records_init_args
 class Constant(Schedule):
     """Factor 1 at every epoch."""
 
 
+@records_init_args
 class LinearWarmup(Schedule):
     """Factor ``min(1, (epoch + 1) / epochs)``: DKD's 20-epoch warm-up (Zhao et al. 2022).
 
@@ -69,6 +73,7 @@ class LinearWarmup(Schedule):
         return min(1.0, (progress.epoch + 1) / self.epochs)
 
 
+@records_init_args
 class StartAt(Schedule):
     """Factor 0 before ``epoch``, 1 from it on: the second stage of a staged objective.
 
@@ -92,6 +97,7 @@ class StartAt(Schedule):
         return progress.epoch >= self.epoch
 
 
+@records_init_args
 class LinearRamp(Schedule):
     """Factor ``start + (end - start) * epoch / max_epochs``: a linear change over the run.
 

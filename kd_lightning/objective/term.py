@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_lightning.models.spec import records_init_args
 from kd_lightning.objective.schedule import LinearWarmup, Progress, Schedule, StartAt
 
 LOGITS = "logits"
@@ -55,6 +56,7 @@ def split_key(key: str, models: Iterable[str]) -> tuple[str, str | None]:
     return head, rest or None
 
 
+@records_init_args
 class LossTerm(nn.Module):
     """One term ``weight * schedule(progress) * loss(student=..., teacher=..., target=...)``.
 
