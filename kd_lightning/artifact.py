@@ -32,12 +32,15 @@ TRUST_HINT = (
 )
 
 
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, what: str = "checkpoint", mmap: bool = False
+) -> dict[str, Any]:
     """Read a ``.ckpt``/``.pt`` file on the CPU without running code from it.
 
     Args:
         path: the file.
         what: how the error messages name the file ("teacher checkpoint", ...).
+        mmap: memory-map the tensors instead of reading them (a large file only inspected).
 
     Returns:
         The loaded object (a dict for every checkpoint this library or Lightning writes).
@@ -55,7 +58,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
             f"experiments/digits/teacher.yaml`) or fix {fix}."
         )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - every failure means the file is unusable as is
         text = str(err)
         if "Unsupported global" in text or "GLOBAL" in text:

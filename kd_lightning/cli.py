@@ -19,6 +19,10 @@ What this CLI adds to LightningCLI:
 * Every checkpoint records the shape of one input sample (``kd_lightning_input``), so
   ``export`` can build an example input without the data.
 * Errors are printed first and alone, noise is filtered: see :mod:`kd_lightning.cli_errors`.
+* ``fit`` never writes over an earlier run's checkpoint (a ``ModelCheckpoint`` with a fixed file
+  name) unless ``--overwrite`` is given: see
+  :mod:`kd_lightning.callbacks.finished_checkpoints`. ``--ckpt_path`` files are read without
+  running code from them (``weights_only``).
 * ``fit`` writes ``checkpoints/best.ckpt`` (by the method's ``monitor``), ``last.ckpt`` and
   ``config.yaml`` into the run's own folder, prints one line per epoch off a terminal and a
   summary with those paths at the end: see :mod:`kd_lightning.cli_run_files`.
@@ -39,6 +43,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from kd_lightning.artifact import read_checkpoint as read_artifact
+from kd_lightning.callbacks.finished_checkpoints import KeepFinishedCheckpoints
 from kd_lightning.callbacks.prediction_writer import PredictionWriter
 from kd_lightning.cli_errors import (
     CLIError,
@@ -126,15 +132,11 @@ def _student_spec(model: Any) -> dict[str, Any] | None:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, memory-mapped, read with ``weights_only=True`` (naming a file
-    never runs code from it)."""
+    never runs code from it: one that would is refused, naming the risk)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise CLIError(
-            f"cannot read --ckpt_path {str(path)!r} as a checkpoint ({type(err).__name__}: "
-            f"{first_line}); pass a .ckpt written by fit."
-        ) from err
+        checkpoint = read_artifact(path, "--ckpt_path", mmap=True)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{err} Pass a .ckpt written by fit.") from err
     if not isinstance(checkpoint, dict):
         raise CLIError(f"--ckpt_path {str(path)!r} is not a Lightning checkpoint (no dict).")
     return checkpoint
@@ -152,6 +154,11 @@ def check_evaluated_checkpoint(config: Namespace) -> dict[str, Any] | None:
             or student class than the config's.
     """
     subcommand = config.get("subcommand")
+    if subcommand == "fit":  # resuming: the file is read here first, so it cannot run code
+        ckpt_path = config["fit"].get("ckpt_path")
+        if ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS:
+            read_checkpoint(Path(ckpt_path))
+        return None
     if subcommand not in EVALUATING:
         return None
     settings = config[subcommand]
@@ -248,6 +255,14 @@ class KDLightningCLI(LightningCLI):
             help="validate/test/predict without --ckpt_path: evaluate freshly initialised "
             "weights on purpose (a chance-level baseline).",
         )
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="fit: write over the checkpoints of an earlier run that a ModelCheckpoint with "
+            "a fixed file name (enable_version_counter: false) would replace; without it fit "
+            "refuses before the first step.",
+        )
 
     def parse_arguments(self, parser, args) -> None:
         # main() always passes the arguments explicitly (from sys.argv or from a caller), so
@@ -307,6 +322,8 @@ class KDLightningCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        overwrite = bool(self.config[self.subcommand].get("overwrite"))
+        self.trainer.callbacks.insert(0, KeepFinishedCheckpoints(overwrite))  # before any output
         for callback in self.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                 quiet_first_run_checkpoint_dir(callback.dirpath)

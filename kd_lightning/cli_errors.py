@@ -111,7 +111,8 @@ def user_message(error: BaseException) -> str | None:
     sentence in the chain not raised by the parser, or a one-line parser message. Outside the
     parser, an error gives its sentence when this library raised it on purpose: a
     :class:`CLIError`, or one of ValueError, TypeError, LookupError, OSError, ImportError (and
-    their subclasses) raised from a frame of ``kd_lightning``.
+    their subclasses) or an exception class of this library (``NonFiniteTraining``,
+    ``TeacherCacheError``, ...) raised from a frame of ``kd_lightning``.
     """
     chain = list(exception_chain(error))
     if any(_from_parser(e) for e in chain):
@@ -121,7 +122,8 @@ def user_message(error: BaseException) -> str | None:
         return _parser_message(chain)
     if isinstance(error, CLIError):
         return str(error)
-    if isinstance(error, _SENTENCE_TYPES) and _raised_in(error).startswith(_PACKAGE_DIR):
+    ours = type(error).__module__.startswith(f"{__package__}.")  # NonFiniteTraining, ...
+    if (isinstance(error, _SENTENCE_TYPES) or ours) and _raised_in(error).startswith(_PACKAGE_DIR):
         message = str(error)
         if isinstance(error, KeyError) and len(error.args) == 1:
             message = str(error.args[0])  # KeyError's str() adds quotes

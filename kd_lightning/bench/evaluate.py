@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from kd_lightning.modes import eval_mode
+
 IGNORED_TOKEN = -100
 
 
@@ -65,23 +67,15 @@ def predictions(
     """Top-1 predictions of each model (``None`` stays ``None``) and the targets, flattened."""
     from kd_lightning.teachers import output_logits
 
-    modes = [None if m is None else m.training for m in models]
-    for model in models:
-        if model is not None:
-            model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in models]
     targets = []
-    try:
+    with eval_mode(*models):
         for batch in batches(datamodule, "test"):
             targets.append(batch["target"].flatten())
             for i, model in enumerate(models):
                 if model is not None:
                     logits = output_logits(call_model(model, batch["input"]))
                     outs[i].append(_flat_predictions(logits))
-    finally:
-        for model, mode in zip(models, modes, strict=True):
-            if model is not None:
-                model.train(mode)
     if not targets:
         raise ValueError(
             f"the test split of {type(datamodule).__name__} is empty; a study needs test samples"

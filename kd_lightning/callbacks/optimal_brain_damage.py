@@ -36,6 +36,7 @@ from kd_lightning.compression.pruning import (
     select_parameters,
 )
 from kd_lightning.data.batch import normalise_batch
+from kd_lightning.modes import eval_mode
 from kd_lightning.teachers import output_logits
 
 __all__ = ["HESSIAN_METHODS", "OptimalBrainDamage"]
@@ -217,9 +218,9 @@ class OptimalBrainDamage(IterativePruning):
         batches = batches if batches is not None else self.hessian_batches_of(trainer, pl_module)
         method = self.resolved_method(student)
         params = select_parameters(student, self.parameters)
-        was_training = pl_module.training
-        pl_module.eval()  # deterministic loss: no dropout, no BatchNorm statistics update
-        try:
+        # Deterministic loss (no dropout, no BatchNorm statistics update); afterwards every
+        # submodule's own mode, so a backbone the user froze in eval mode stays frozen.
+        with eval_mode(pl_module):
             if method == "obd":
                 diag = self._obd(student, batches, list(params))
             else:
@@ -239,8 +240,6 @@ class OptimalBrainDamage(IterativePruning):
                         generator=generator,
                         chunk_size=min(self.chunk_size, 32),
                     )
-        finally:
-            pl_module.train(was_training)
         self.last_hessian = {n: d.detach() for n, d in diag.items()}
         return self.last_hessian
 

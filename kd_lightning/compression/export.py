@@ -43,6 +43,7 @@ from torch.nn.utils import prune
 from torch.utils._pytree import tree_leaves
 
 from kd_lightning.compression.pruning import copy_with_masks_applied
+from kd_lightning.modes import eval_mode
 
 __all__ = [
     "ExportMismatchError",
@@ -107,14 +108,9 @@ def _eval_mode(model: nn.Module):
     """Eval mode for the export, the caller's mode restored; torch's own export-time
     deprecation warning (``isinstance(treespec, LeafSpec)``, raised inside torch 2.13's
     exporters) silenced, since no caller can act on it."""
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            yield model
-    finally:
-        model.train(was_training)
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        yield model
 
 
 def _deployable(model: nn.Module) -> nn.Module:

@@ -15,6 +15,8 @@ import time
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.modes import eval_mode
+
 __all__ = ["measure_latency"]
 
 
@@ -48,21 +50,16 @@ def measure_latency(
     if not args or not all(isinstance(a, Tensor) for a in args):
         raise ValueError("example_input must be a tensor or a tuple of tensors.")
     batch_size = args[0].shape[0] if args[0].ndim > 0 else 1
-    was_training = model.training
-    model.eval()
     times_ms: list[float] = []
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(*args)
+    with eval_mode(model), torch.inference_mode():
+        for _ in range(warmup):
+            model(*args)
+        _sync(args)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*args)
             _sync(args)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(*args)
-                _sync(args)
-                times_ms.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
+            times_ms.append((time.perf_counter() - start) * 1e3)
     median = statistics.median(times_ms)
     return {
         "median_ms": median,

@@ -20,18 +20,10 @@ from kd_lightning.functional.response import (
     logit_standardization_kd,
 )
 from kd_lightning.models.spec import records_init_args
+from kd_lightning.validation import non_negative, positive
 
-
-def _check_positive(name: str, value: float, hint: str) -> float:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}. {hint}")
-    return float(value)
-
-
-def _check_non_negative(name: str, value: float, hint: str) -> float:
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}. {hint}")
-    return float(value)
+_check_positive = positive
+_check_non_negative = non_negative
 
 
 @records_init_args

@@ -26,6 +26,7 @@ from kd_lightning.functional.self_knowledge import (
 )
 from kd_lightning.models.spec import records_init_args
 from kd_lightning.objective.schedule import Progress, Schedule
+from kd_lightning.validation import positive
 
 
 @records_init_args
@@ -137,9 +138,7 @@ class CSKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature} (the paper uses 4)")
-        self.temperature = float(temperature)
+        self.temperature = positive("temperature", temperature, "The paper uses 4.")
 
     def forward(
         self,

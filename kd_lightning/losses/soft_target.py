@@ -16,6 +16,7 @@ from kd_lightning.functional.soft_target import (
     soft_target_kl,
 )
 from kd_lightning.models.spec import records_init_args
+from kd_lightning.validation import positive
 
 
 @records_init_args
@@ -36,12 +37,9 @@ class SoftTargetKLLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0, got {temperature}. Use e.g. temperature: 4.0 "
-                "(values in 1-20 are common)."
-            )
-        self.temperature = float(temperature)
+        self.temperature = positive(
+            "temperature", temperature, "Use e.g. temperature: 4.0 (values in 1-20 are common)."
+        )
         self.scale_by_t2 = scale_by_t2
 
     def forward(

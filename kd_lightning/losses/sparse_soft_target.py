@@ -12,6 +12,7 @@ from torch import nn
 
 from kd_lightning.functional.sparse_soft_target import sparse_soft_target_kl
 from kd_lightning.models.spec import records_init_args
+from kd_lightning.validation import positive
 
 
 @records_init_args
@@ -33,11 +34,7 @@ class SparseSoftTargetKLLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0, got {temperature}. Use e.g. temperature: 4.0"
-            )
-        self.temperature = float(temperature)
+        self.temperature = positive("temperature", temperature, "Use e.g. temperature: 4.0")
         self.scale_by_t2 = scale_by_t2
 
     def forward(

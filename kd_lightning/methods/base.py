@@ -328,6 +328,18 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.nonfinite.raise_if_tripped()
 
+    def on_fit_end(self) -> None:
+        # Plain DataLoaders have no example batch: an empty one is only visible here.
+        trainer = self.trainer
+        if trainer.num_training_batches == 0 and trainer.global_step == 0:
+            if trainer.limit_train_batches != 0 and trainer.max_epochs != 0:
+                raise ValueError(
+                    "the training DataLoader yields no batch, so fit trained nothing and wrote "
+                    "no checkpoint: the training set is empty (check the data path, the split "
+                    "and any filtering), or drop_last removes the only, incomplete batch (use a "
+                    "smaller batch_size)"
+                )
+
     # ------------------------------------------------------------------ start-up checks
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
@@ -342,6 +354,9 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             )
         if datamodule is None:
             return  # plain DataLoaders: the first batch is checked before the first step
+        cache = getattr(datamodule, "teacher_cache", None)
+        if cache is not None and hasattr(cache, "provenance"):
+            self.check_teacher_cache(cache.provenance)
         if stage == "fit" or hasattr(datamodule, "example_batch"):
             rng = rng_state()  # a shuffling loader draws a seed: the run must not notice
             try:
@@ -361,15 +376,22 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             ValueError, TypeError: naming the problem and the fix.
         """
         batch = normalise_batch(batch)
-        check_targets(batch.get("target"), self.num_classes)
+        labels_checked = self.num_classes is not None  # else the models tell the class count
+        if labels_checked:
+            check_targets(batch.get("target"), self.num_classes)
         with untouched(self):
             knowledge = self.forward_knowledge(batch, "val")
+            reference = None  # the model that told the class count, when nothing else did
             for name in self.sources:
                 if name in knowledge:
+                    label = f"{name} ({self.sources[name]})" if name != self.sources[name] else name
+                    if self.num_classes is None:
+                        reference = label
                     self.num_classes = check_class_count(
-                        f"{name} ({self.sources[name]})" if name != self.sources[name] else name,
-                        knowledge[name], self.num_classes,
-                    )  # fmt: skip
+                        label, knowledge[name], self.num_classes, reference
+                    )
+            if not labels_checked:
+                check_targets(batch.get("target"), self.num_classes)
             if stage in ("fit", "validate", "test") and self.objective is not None:
                 self.check_objective(knowledge, batch)
         if self.num_classes is None:
@@ -390,18 +412,35 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
                     "kd_lightning.teachers.PretrainedTeacher with a checkpoint_path), or attach "
                     "a teacher-output cache to the data"
                 )
-        if batch_has_cache(batch):
-            cached = CachedTeacher(getattr(batch, "header", None))
-            cached.check(
-                {t.name: getattr(t.loss, "temperature", None) for t in self.objective
-                 if "teacher.topk" in t.keys("teacher", self.knowledge_names())}
-            )  # fmt: skip
         names = self.knowledge_names()
         for term in self.objective:
             try:
                 term(knowledge, batch, names, self.progress)
             except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
                 raise ValueError(explain_term_error(term, knowledge, names, err)) from err
+
+    def check_teacher_cache(self, provenance: Any) -> None:
+        """Refuse a teacher cache made by another teacher than the configured one, or top-k
+        values stored at another temperature than a loss term reads them at.
+
+        Args:
+            provenance: the cache's :class:`~kd_lightning.data.cache_format.CacheProvenance`
+                (``setup`` takes it from the data module's ``teacher_cache``).
+
+        Raises:
+            TeacherCacheError: naming the cache, both teachers' digests or both temperatures,
+                and the fix.
+        """
+        teacher = self.source("teacher")
+        if teacher is not None:
+            provenance.check_teacher(teacher)
+        if self.objective is None:
+            return
+        names = self.knowledge_names()
+        for term in self.objective:
+            temperature = getattr(term.loss, "temperature", None)
+            if "teacher.topk" in term.keys("teacher", names) and temperature is not None:
+                provenance.check_temperature(temperature, where=f"loss term {term.name!r}")
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -65,6 +65,7 @@ class StudentArtifactCheckpoints:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.raise_if_tripped()
+        self.nonfinite.check_weights((n, p) for n, p in self.named_parameters() if p.requires_grad)
         prefixes = self.frozen_prefixes()
         if prefixes:
             checkpoint["state_dict"] = {

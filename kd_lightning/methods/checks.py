@@ -66,9 +66,21 @@ def untouched(model: nn.Module) -> Iterator[None]:
         set_rng_state(rng)
 
 
-def check_class_count(name: str, logits: torch.Tensor, num_classes: int | None) -> int:
-    """The class count of ``logits`` (last dim), refused when it differs from ``num_classes``."""
+def check_class_count(
+    name: str, logits: torch.Tensor, num_classes: int | None, reference: str | None = None
+) -> int:
+    """The class count of ``logits`` (last dim), refused when it differs from ``num_classes``.
+
+    ``reference`` names the model ``num_classes`` was read from when neither the method nor the
+    data gave it (plain DataLoaders): the message then names both models.
+    """
     classes = int(logits.shape[-1])
+    if num_classes is not None and classes != num_classes and reference is not None:
+        raise ValueError(
+            f"the {name} outputs {classes} logits but the {reference} outputs {num_classes}: "
+            "build both for the task's classes (num_classes=<the number of classes in your "
+            "labels>), and pass num_classes to the method so the labels are checked against it"
+        )
     if num_classes is not None and classes != num_classes:
         raise ValueError(
             f"the {name} outputs {classes} logits but the task has {num_classes} classes; build "

@@ -32,6 +32,7 @@ from kd_lightning.models.spec import instantiate
 from kd_lightning.objective import LossTerm
 from kd_lightning.synthesis import InputSynthesiser, module_digest
 from kd_lightning.teachers.cached import DENSE_KEY
+from kd_lightning.validation import non_negative, positive
 
 FAST_DEV_RUN_STEPS = 2
 """Synthesis steps per batch under ``fast_dev_run``: the pipeline is checked, not the quality."""
@@ -83,10 +84,8 @@ class DataFreeDistillation(DistillationModule):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if hard_label_weight < 0:
-            raise ValueError(f"hard_label_weight must be >= 0, got {hard_label_weight}")
+        temperature = positive("temperature", temperature, "Use e.g. temperature: 4.0")
+        hard_label_weight = non_negative("hard_label_weight", hard_label_weight)
         if isinstance(synthesiser, dict):  # a class_path spec, from a checkpoint's hparams
             synthesiser = instantiate(synthesiser)
         if synthesiser is not None and not isinstance(synthesiser, InputSynthesiser):

@@ -3,11 +3,14 @@
 The check must not add a host sync to every step on an accelerator: each step records
 ``~isfinite`` of every term into a device flag (no sync); the flag is read every step on the CPU,
 every ``log_every_n_steps`` steps on an accelerator, at every epoch end and before every
-checkpoint is written, so no checkpoint of non-finite weights is ever saved.
+checkpoint is written. An update can also break the weights while the loss that produced it was
+still finite (float16 without the range for Adam's epsilon): before every checkpoint the
+trained parameters are checked too, so no checkpoint of non-finite weights is ever saved.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -45,6 +48,21 @@ class NonFiniteGuard:
         every = max(1, int(getattr(module.trainer, "log_every_n_steps", 1) or 1))
         if self.flags.device.type == "cpu" or module.global_step % every == 0:
             self.raise_if_tripped(module.global_step)
+
+    def check_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Refuse non-finite trained weights (called before a checkpoint is written)."""
+        named = [(n, p) for n, p in named_parameters if p.is_floating_point()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        if bool(finite.all()):  # one host sync per checkpoint
+            return
+        bad = [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+        raise NonFiniteTraining(
+            f"the weights became non-finite ({bad[:3]}{' ...' if len(bad) > 3 else ''}) after "
+            "an update whose loss was still finite; the run stops and no checkpoint of these "
+            f"weights is written. {CAUSES}"
+        )
 
     def raise_if_tripped(self, step: int | None = None) -> None:
         if self.flags is None or not bool(self.flags.any()):

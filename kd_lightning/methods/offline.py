@@ -22,6 +22,7 @@ from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import FrozenTeacher, TeacherEnsemble
+from kd_lightning.validation import fraction, positive
 
 
 def hinton_loss_terms(temperature: float = 4.0, alpha: float = 0.9) -> list[LossTerm]:
@@ -30,8 +31,8 @@ def hinton_loss_terms(temperature: float = 4.0, alpha: float = 0.9) -> list[Loss
     Raises:
         ValueError: ``alpha`` outside [0, 1] or a temperature that is not > 0.
     """
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha = fraction("alpha", alpha)
+    temperature = positive("temperature", temperature, "Use e.g. temperature: 4.0")
     terms = []
     if alpha > 0:
         terms.append(LossTerm(SoftTargetKLLoss(temperature), weight=alpha, name="kd"))
@@ -136,8 +137,7 @@ class BornAgain(OfflineDistillation):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        alpha = fraction("alpha", alpha)
         terms = loss_terms if loss_terms is not None else hinton_loss_terms(temperature, alpha)
         super().__init__(
             student=student,

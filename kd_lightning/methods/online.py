@@ -33,6 +33,7 @@ from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.methods.checks import check_class_count, untouched
 from kd_lightning.objective import LossTerm
+from kd_lightning.validation import non_negative, positive
 
 ENSEMBLE = "ensemble"
 """Knowledge name of the mean of the peers' detached logits."""
@@ -54,10 +55,9 @@ def mutual_learning_terms(
     """
     if num_peers < 2:
         raise ValueError(f"mutual learning needs at least 2 peers, got {num_peers}")
-    if mutual_weight < 0 or ensemble_weight < 0:
-        raise ValueError("mutual_weight and ensemble_weight must be >= 0")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mutual_weight = non_negative("mutual_weight", mutual_weight)
+    ensemble_weight = non_negative("ensemble_weight", ensemble_weight)
+    temperature = positive("temperature", temperature, "Use e.g. temperature: 3.0")
     peers = [f"peer{k}" for k in range(num_peers)]
     terms = [LossTerm(HardLabelCrossEntropy(), name=f"ce_{p}", student=p) for p in peers]
     for peer in peers:

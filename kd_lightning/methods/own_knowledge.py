@@ -13,6 +13,7 @@ from typing import Any
 
 from kd_lightning.methods.base import DistillationModule
 from kd_lightning.objective import LossTerm, Objective
+from kd_lightning.validation import number
 
 
 def refuse_ignored(given: dict[str, Any], loss_terms: list[LossTerm] | None) -> None:
@@ -28,7 +29,8 @@ def refuse_ignored(given: dict[str, Any], loss_terms: list[LossTerm] | None) -> 
 
 
 def check_weight(name: str, value: float, upper: float | None = None) -> None:
-    """``value`` must be >= 0 (and <= ``upper``)."""
+    """``value`` must be a number >= 0 (and <= ``upper``)."""
+    value = number(name, value)
     if not value >= 0 or (upper is not None and value > upper):
         bound = f"[0, {upper}]" if upper is not None else ">= 0"
         raise ValueError(f"{name} must be {'in ' if upper is not None else ''}{bound}, got {value}")

@@ -51,6 +51,7 @@ from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.methods.checks import check_class_count, untouched
 from kd_lightning.objective import LossTerm, Progress
+from kd_lightning.validation import fraction, positive
 
 TRAINEE = "trainee"
 """Knowledge name of the logits of the model the current stage trains."""
@@ -65,8 +66,8 @@ def takd_loss_terms(temperature: float = 4.0, alpha: float = 0.9) -> list[LossTe
     Raises:
         ValueError: ``alpha`` outside [0, 1] or a temperature that is not > 0.
     """
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha = fraction("alpha", alpha)
+    temperature = positive("temperature", temperature, "Use e.g. temperature: 4.0")
     terms = []
     if alpha > 0:
         terms.append(LossTerm(SoftTargetKLLoss(temperature), weight=alpha, name="kd",

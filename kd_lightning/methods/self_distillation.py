@@ -37,6 +37,7 @@ from kd_lightning.models.branch_heads import BranchHead, branch_heads
 from kd_lightning.models.spec import instantiate
 from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import EMATeacher
+from kd_lightning.validation import positive
 
 
 # ---------------------------------------------------------------------------------- BYOT
@@ -55,8 +56,7 @@ def byot_loss_terms(
     Raises:
         ValueError: a weight or temperature out of range, or a hint without ``feature_layer``.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = positive("temperature", temperature, "Use e.g. temperature: 3.0")
     check_weight("alpha", alpha, 1.0)
     check_weight("hint_weight", hint_weight)
     if hint_weight > 0 and feature_layer is None:
@@ -252,8 +252,7 @@ def mean_teacher_terms(
     """
     if consistency not in ("kl", "mse"):
         raise ValueError(f"consistency must be one of ['kl', 'mse'], got {consistency!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = positive("temperature", temperature, "Use e.g. temperature: 4.0")
     check_weight("consistency_weight", consistency_weight)
     loss = SoftTargetKLLoss(temperature) if consistency == "kl" else ConsistencyMSELoss()
     return [

@@ -13,6 +13,13 @@ def explain_term_error(
     term: LossTerm, knowledge: dict[str, Any], models: Any, err: Exception
 ) -> str:
     message = f"loss term {term.name!r} cannot run on the example batch: {err}"
+    if "teacher" in term.keys("teacher", models) and "teacher" not in knowledge:
+        if "teacher.topk" in knowledge:  # a top-k cache holds no dense logits
+            message += (
+                ". The teacher is a top-k cache (sparse log-probabilities, no logits): read it "
+                "with LossTerm(SparseSoftTargetKLLoss(temperature=<the cache's>), "
+                "teacher='topk'), or build the cache without topk (dense logits)"
+            )
     s_keys, t_keys = term.keys("student", models), term.keys("teacher", models)
     if len(s_keys) == 1 and len(t_keys) == 1 and term.connector is None:
         s, t = knowledge.get(s_keys[0]), knowledge.get(t_keys[0])

@@ -173,6 +173,13 @@ def _load_legacy(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any read failure means the file is unusable
+        if "Unsupported global" in str(err) or "GLOBAL" in str(err):
+            raise SynthesisedSetError(
+                f"synthesised set {str(path)!r} holds Python objects beyond tensors and plain "
+                "containers; loading it would run code from the file, so kd_lightning refuses "
+                "it. Synthesise the set again (SynthesisedSet.save writes a format that cannot "
+                "carry code)."
+            ) from None
         raise SynthesisedSetError(
             f"synthesised set {str(path)!r} is unreadable (truncated or corrupt: "
             f"{type(err).__name__}: {err}); delete it and synthesise the set again"

@@ -80,8 +80,9 @@ def test_clean_fit_prints_no_warning(tmp_path, monkeypatch):
     assert caught == []
     assert not [m for m in logged if "Tip" in m]
     assert (tmp_path / "runs/digits/teacher/teacher.ckpt").is_file()
-    # A second run would replace that checkpoint: this warning is real and stays.
-    caught, _ = _fit_and_collect(argv)
+    # A second run is refused unless it may replace that checkpoint (--overwrite); asked to,
+    # it warns that the folder holds one: this warning is real and stays.
+    caught, _ = _fit_and_collect([*argv, "--overwrite"])
     assert any("Checkpoint directory" in w and "exists and is not empty" in w for w in caught)
 
 
