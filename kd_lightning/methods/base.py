@@ -25,6 +25,8 @@ from kd_lightning.features import FeatureCapture
 from kd_lightning.methods.checkpoints import StudentArtifactCheckpoints
 from kd_lightning.methods.checks import (
     check_class_count,
+    check_optimizer,
+    check_teacher_cache,
     rng_state,
     set_rng_state,
     untouched,
@@ -356,7 +358,7 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             return  # plain DataLoaders: the first batch is checked before the first step
         cache = getattr(datamodule, "teacher_cache", None)
         if cache is not None and hasattr(cache, "provenance"):
-            self.check_teacher_cache(cache.provenance)
+            check_teacher_cache(self, cache.provenance)
         if stage == "fit" or hasattr(datamodule, "example_batch"):
             rng = rng_state()  # a shuffling loader draws a seed: the run must not notice
             try:
@@ -394,6 +396,8 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
                 check_targets(batch.get("target"), self.num_classes)
             if stage in ("fit", "validate", "test") and self.objective is not None:
                 self.check_objective(knowledge, batch)
+        if stage == "fit":
+            check_optimizer(self)
         if self.num_classes is None:
             raise ValueError("num_classes is unknown: pass num_classes to the method")
         self.metrics_service.configure(self, self.num_classes)
@@ -418,29 +422,6 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
                 term(knowledge, batch, names, self.progress)
             except Exception as err:  # noqa: BLE001 - re-raised with the term and a fix
                 raise ValueError(explain_term_error(term, knowledge, names, err)) from err
-
-    def check_teacher_cache(self, provenance: Any) -> None:
-        """Refuse a teacher cache made by another teacher than the configured one, or top-k
-        values stored at another temperature than a loss term reads them at.
-
-        Args:
-            provenance: the cache's :class:`~kd_lightning.data.cache_format.CacheProvenance`
-                (``setup`` takes it from the data module's ``teacher_cache``).
-
-        Raises:
-            TeacherCacheError: naming the cache, both teachers' digests or both temperatures,
-                and the fix.
-        """
-        teacher = self.source("teacher")
-        if teacher is not None:
-            provenance.check_teacher(teacher)
-        if self.objective is None:
-            return
-        names = self.knowledge_names()
-        for term in self.objective:
-            temperature = getattr(term.loss, "temperature", None)
-            if "teacher.topk" in term.keys("teacher", names) and temperature is not None:
-                provenance.check_temperature(temperature, where=f"loss term {term.name!r}")
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -88,3 +88,47 @@ def check_class_count(
             "this data)"
         )
     return classes
+
+
+def check_teacher_cache(module: Any, provenance: Any) -> None:
+    """Refuse a teacher cache made by another teacher than ``module``'s configured one, or top-k
+    values stored at another temperature than a loss term reads them at.
+
+    Args:
+        module: the method (its ``teacher`` source and objective).
+        provenance: the cache's :class:`~kd_lightning.data.cache_format.CacheProvenance` (the
+            base's ``setup`` takes it from the data module's ``teacher_cache``).
+
+    Raises:
+        TeacherCacheError: naming the cache, both teachers' digests or both temperatures, and
+            the fix.
+    """
+    teacher = module.source("teacher")
+    if teacher is not None:
+        provenance.check_teacher(teacher)
+    if module.objective is None:
+        return
+    names = module.knowledge_names()
+    for term in module.objective:
+        temperature = getattr(term.loss, "temperature", None)
+        if "teacher.topk" in term.keys("teacher", names) and temperature is not None:
+            provenance.check_temperature(temperature, where=f"loss term {term.name!r}")
+
+
+def check_optimizer(module: Any) -> None:
+    """Build ``module``'s optimizer and scheduler once and throw them away: a bad setting (a
+    negative learning rate, an unknown argument) fails at start-up, not after other runs of a
+    study trained.
+
+    Raises:
+        ValueError: naming torch's reason and the config keys to fix.
+    """
+    try:
+        optimizer = module.optimizer_factory(module.trainable_parameters())
+        if module.lr_scheduler_factory is not None:
+            module.lr_scheduler_factory(optimizer)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(
+            f"the optimizer or learning-rate scheduler cannot be built ({type(err).__name__}: "
+            f"{err}): fix model.init_args.optimizer / lr_scheduler (their init_args)"
+        ) from err

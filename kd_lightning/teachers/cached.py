@@ -4,7 +4,7 @@ The transfer set attaches the stored outputs to each batch (dense ``teacher_logi
 ``teacher_topk_values``/``teacher_topk_indices``). The cache's header records the temperature,
 top-k and teacher digest it was built with; the method's start-up checks compare them with the
 loss terms and the configured teacher
-(:meth:`~kd_lightning.methods.DistillationModule.check_teacher_cache`).
+(:func:`~kd_lightning.methods.checks.check_teacher_cache`).
 """
 
 from __future__ import annotations

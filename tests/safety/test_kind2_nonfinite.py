@@ -81,7 +81,7 @@ def test_first_non_finite_loss_stops_and_no_non_finite_checkpoint_is_written(
     with pytest.raises(NonFiniteTraining) as error:
         fit.fit(model, DigitsTransferSet(batch_size=32))
     message = str(error.value)
-    assert (term in message if " " in term else f"['{term}']" in message), message
+    assert term in message if " " in term else f"['{term}']" in message, message
     assert cause in message and "no checkpoint" in message
     assert fit.global_step < 10  # stopped in the first epoch, not at its end
     written = list(tmp_path.glob("*.ckpt"))
