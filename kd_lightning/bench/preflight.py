@@ -106,6 +106,28 @@ def startup_checks(module: Any, datamodule: Any, example: dict[str, Any]) -> Non
         module.validate_setup(example)
 
 
+def refuse_several_processes(trainer: Any) -> None:
+    """A study runs each run inside its own process, on one device: refuse more.
+
+    Its loop builds, fits, evaluates, tabulates and resumes every run in the process that
+    reads the study file; a multi-process strategy would start the study again in every
+    process (``ddp`` re-runs the command line) or pickle its callbacks into them
+    (``ddp_spawn``), and the table would be written by each. Train such a config alone instead.
+
+    Raises:
+        ValueError: the trainer would run in more than one process; names the fix.
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world > 1:
+        raise ValueError(
+            f"the trainer would run {world} processes (devices x num_nodes), but a study runs "
+            "each run inside its own process on one device (it evaluates, tabulates and "
+            "resumes every run itself); set trainer.devices: 1 and trainer.num_nodes: 1 in the "
+            "run's config (or --set trainer.devices=1), or train this config on several "
+            "devices alone with `kd-lightning fit -c <config>`"
+        )
+
+
 def save_stand_in(module: Any, path: Path) -> Path:
     """Save ``module``'s untrained student as a checkpoint a teacher loader reads."""
     checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
@@ -137,6 +159,7 @@ def _check_one(
     trainer.update(default_root_dir=str(folder / "root"), logger=False)
     path = write_config(config, folder / "configs" / f"{len(list(folder.glob('configs/*')))}.yaml")
     cli = build_config(path)
+    refuse_several_processes(cli.trainer)
     example = example_batch(cli.datamodule)
     startup_checks(cli.model, cli.datamodule, example)
     if not implements(cli.datamodule, "test_dataloader"):

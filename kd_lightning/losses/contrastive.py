@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_lightning.distributed import gather_rows, mean_of_exp_log
 from kd_lightning.functional._precision import upcast
 from kd_lightning.functional.contrastive import _crd_core, sample_negatives
 from kd_lightning.models.spec import records_init_args
@@ -35,7 +36,9 @@ class CRDLoss(nn.Module):
     computing the loss, moves the rows ``index`` of each bank towards the new embeddings,
     ``normalize(momentum * old + (1 - momentum) * new)``; ``Z`` is estimated once, on the first
     training batch, and then kept fixed. In eval mode nothing changes (an unset ``Z`` is
-    estimated from the batch at hand without being stored).
+    estimated from the batch at hand without being stored). Under DDP the rows of every
+    process update every process's banks, and ``Z`` is the mean over the processes' first
+    batches, so the state is the same on every rank (:mod:`kd_lightning.distributed`).
 
     Args:
         student_dim: features per sample of the student input (product of its non-batch dims).
@@ -138,8 +141,12 @@ class CRDLoss(nn.Module):
         )
         if self.training:
             with torch.no_grad():
-                self.log_normalizer.copy_(log_z)
+                # Under DDP every process applies every process's update, so the banks and Z
+                # stay identical on all ranks (one process: the local batch, unchanged).
+                first = mean_of_exp_log(log_z.detach())
+                self.log_normalizer.copy_(torch.where(self.normalizer_set, log_z, first))
                 self.normalizer_set.fill_(True)
+                index, v_s, v_t = gather_rows(index, v_s.detach(), v_t.detach())
                 self._update_memory(self.memory_student, index, v_s)
                 self._update_memory(self.memory_teacher, index, v_t)
         return loss
