@@ -53,7 +53,11 @@ from kd_lightning.cli_errors import (
     quiet_known_noise,
     run_with_clean_errors,
 )
-from kd_lightning.cli_run_files import RunFolderConfig, prepare_fit
+from kd_lightning.cli_run_files import (
+    RunFolderConfig,
+    install_default_checkpoint,
+    prepare_fit,
+)
 from kd_lightning.config_specs import record_config_specs
 from kd_lightning.methods import DistillationModule
 from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
@@ -319,6 +323,8 @@ class KDLightningCLI(LightningCLI):
         trainer.callbacks.insert(0, RecordInputShape())
         if self.subcommand in (None, "fit"):  # best.ckpt/last.ckpt, epoch lines, summary
             prepare_fit(trainer, self.model, configured)
+        else:  # --ckpt_path restores the state of every callback that wrote the file
+            install_default_checkpoint(trainer, self.model, configured)
         return trainer
 
     def before_fit(self) -> None:

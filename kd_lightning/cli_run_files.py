@@ -10,13 +10,14 @@ Every fit writes into one folder per run, the folder Lightning's logger gives th
 * ``config.yaml``: the resolved config (:class:`RunFolderConfig`; Lightning's own callback
   writes into the logger's ``save_dir``, shared by every W&B run).
 
-The checkpoint callback is the CLI's default: a config that lists its own
-:class:`~lightning.pytorch.callbacks.ModelCheckpoint` writing elsewhere (the teacher configs keep
-a stable ``teacher.ckpt`` that distillation configs read) gets the default as well; one that
-writes into the run folder itself (no ``dirpath``) replaces it; ``enable_checkpointing: false``
-turns every checkpoint off. Off a terminal Lightning's bar (TQDM, or Rich) becomes one line per epoch
-(:class:`~kd_lightning.callbacks.progress.EpochLines`), and at the end of fit
-:class:`~kd_lightning.callbacks.progress.FitSummary` prints the metric and these paths.
+The checkpoint callback is the CLI's default (:func:`install_default_checkpoint`): a config that
+lists its own :class:`~lightning.pytorch.callbacks.ModelCheckpoint` writing elsewhere (the
+teacher configs keep a stable ``teacher.ckpt`` that distillation configs read) gets the default
+as well; one that writes into the run folder itself (no ``dirpath``) replaces it;
+``enable_checkpointing: false`` turns every checkpoint off. Off a terminal Lightning's bar (TQDM
+or Rich) becomes one line per epoch (:class:`~kd_lightning.callbacks.progress.EpochLines`), and
+at the end of fit :class:`~kd_lightning.callbacks.progress.FitSummary` prints the metric and
+these paths.
 """
 
 from __future__ import annotations
@@ -117,6 +118,33 @@ def _is_terminal(stream: TextIO) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def install_default_checkpoint(
+    trainer: L.Trainer, model: Any, configured: Sequence[Callback] = ()
+) -> ModelCheckpoint | None:
+    """Put :func:`default_checkpoint` among the trainer's callbacks, where it belongs.
+
+    It replaces the ``ModelCheckpoint`` Lightning adds when a config lists none; it joins the
+    config's own when those write elsewhere (a stable ``teacher.ckpt``) and the run has a folder
+    of its own (a logger); it stays out when a configured one writes into the run folder (no
+    ``dirpath``) or checkpointing is off. Added for evaluation too, so ``--ckpt_path`` restores
+    the state of every callback that wrote the file.
+
+    Returns:
+        The added callback, or ``None``.
+    """
+    listed = {id(c) for c in configured}
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    own = [c for c in checkpoints if id(c) in listed]
+    if not checkpoints or any(c.dirpath is None for c in own) or (own and not trainer.loggers):
+        return None
+    # Lightning added its default (epoch=X-step=Y.ckpt) when the config listed none.
+    lightning_default = {id(c) for c in checkpoints if id(c) not in listed}
+    trainer.callbacks[:] = [c for c in trainer.callbacks if id(c) not in lightning_default]
+    callback = default_checkpoint(model)
+    trainer.callbacks.append(callback)  # checkpoints run after the other callbacks
+    return callback
+
+
 def prepare_fit(
     trainer: L.Trainer,
     model: Any,
@@ -133,16 +161,9 @@ def prepare_fit(
             between Lightning's bar and one line per epoch).
     """
     stream = stream or sys.stdout
-    listed = {id(c) for c in configured}
-    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    if checkpoints:  # checkpointing on
-        own = [c for c in checkpoints if id(c) in listed]
-        if not any(c.dirpath is None for c in own):  # nobody else writes into the run folder
-            # Lightning added its default (epoch=X-step=Y.ckpt) when the config listed none.
-            lightning_default = {id(c) for c in checkpoints if id(c) not in listed}
-            trainer.callbacks[:] = [c for c in trainer.callbacks if id(c) not in lightning_default]
-            trainer.callbacks.append(default_checkpoint(model))  # checkpoints run last
+    install_default_checkpoint(trainer, model, configured)
     bar = trainer.progress_bar_callback
+    listed = {id(c) for c in configured}
     lightning_bar = type(bar) in (TQDMProgressBar, RichProgressBar) and id(bar) not in listed
     if lightning_bar and not _is_terminal(stream):
         trainer.callbacks[trainer.callbacks.index(bar)] = EpochLines(stream)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
 
 from kd_lightning.callbacks.progress import EpochLines, FitSummary
 from kd_lightning.cli import main
@@ -99,8 +100,9 @@ def test_best_and_last_checkpoints_in_the_versioned_run_folder(fitted):
         assert f"  {name} -> {run / 'checkpoints' / name}" in first.splitlines()
     assert f"  config.yaml -> {run / 'config.yaml'}" in first.splitlines()
     # The second run has its own folder; the first run's files are untouched.
-    assert f"  best.ckpt -> {Path('runs/digits/student_alone/version_1/checkpoints/best.ckpt')}" in (
-        second.splitlines()
+    assert (
+        f"  best.ckpt -> {Path('runs/digits/student_alone/version_1/checkpoints/best.ckpt')}"
+        in (second.splitlines())
     )
     assert _ckpt_epoch(folder / run / "checkpoints/last.ckpt") == 2
 
@@ -119,7 +121,8 @@ def test_a_config_with_its_own_checkpoint_keeps_it_and_gains_best_and_last(tmp_p
 
 # ----------------------------------------------------------------- prepare_fit on a bare trainer
 def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, **kwargs)
+    kwargs.setdefault("logger", False)
+    return L.Trainer(accelerator="cpu", enable_model_summary=False, **kwargs)
 
 
 class _Terminal(io.StringIO):
@@ -146,17 +149,22 @@ def test_default_checkpoint_uses_the_methods_monitor_and_replaces_lightnings():
     assert isinstance(trainer.callbacks[0], FitSummary)
 
 
-def test_own_checkpoints_elsewhere_get_the_default_beside_them_in_the_run_folder_none():
+def test_own_checkpoints_elsewhere_keep_the_default_beside_them(tmp_path):
     model = Supervised(MLP(10, hidden_sizes=[4]))
+    logger = CSVLogger(tmp_path)
     elsewhere = ModelCheckpoint(dirpath="somewhere", filename="teacher")
-    trainer = _trainer(callbacks=[elsewhere])
+    trainer = _trainer(callbacks=[elsewhere], logger=logger)
     prepare_fit(trainer, model, [elsewhere], stream=io.StringIO())
     assert [c.filename for c in _checkpoints(trainer)] == ["teacher", "best"]
+    # Without a logger the run has no folder of its own: the config's choice stands alone.
+    trainer = _trainer(callbacks=[elsewhere])
+    prepare_fit(trainer, model, [elsewhere], stream=io.StringIO())
+    assert _checkpoints(trainer) == [elsewhere]
     in_run_folder = ModelCheckpoint(filename="{epoch}")
-    trainer = _trainer(callbacks=[in_run_folder])
+    trainer = _trainer(callbacks=[in_run_folder], logger=logger)
     prepare_fit(trainer, model, [in_run_folder], stream=io.StringIO())
     assert _checkpoints(trainer) == [in_run_folder]
-    trainer = _trainer(enable_checkpointing=False)
+    trainer = _trainer(enable_checkpointing=False, logger=logger)
     prepare_fit(trainer, model, [], stream=io.StringIO())
     assert _checkpoints(trainer) == []
 

@@ -13,8 +13,9 @@ STUDY_KEYS = {"runs", "seeds"}
 
 
 # Suites with their own one-step harness (CIFAR-shaped synthetic data, teachers of the right
-# architecture): tests/bench/test_cifar100_suite.py.
-OWN_HARNESS = ("cifar100",)
+# architecture): tests/bench/test_cifar100_suite.py; multi-process, FSDP and cache configs:
+# tests/scale/test_scale_configs.py.
+OWN_HARNESS = ("cifar100", "scale")
 
 
 def _configs():
