@@ -8,10 +8,11 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 # constraints-cpu.txt pins the CPU build of torch (a bare `torch>=2.3` pulls a CUDA build).
+# The hf extra (transformers, tokenizers) is installed too, so the text/transformer tests run.
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints-cpu.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints-cpu.txt -e ".[dev,hf]"
 	touch $@
 
 study: setup

@@ -19,6 +19,12 @@ from kd_lightning.data.mnist import FashionMNISTTransferSet, MNISTTransferSet
 from kd_lightning.data.synthesised import SynthesisedTransferSet
 from kd_lightning.data.synthetic import SyntheticTransferSet
 from kd_lightning.data.teacher_cache import InvalidCacheFile, TeacherCache, TeacherCacheError
+from kd_lightning.data.text import (
+    BBCNewsTransferSet,
+    CausalLMTransferSet,
+    TextClassificationTransferSet,
+)
+from kd_lightning.data.text_sources import load_tokenizer, train_tokenizer
 from kd_lightning.data.transfer_set import (
     BaseTransferSetDataModule,
     EpochSeededSampler,
@@ -31,14 +37,18 @@ __all__ = [
     "TEACHER_LOGITS",
     "TEACHER_TOPK_INDICES",
     "TEACHER_TOPK_VALUES",
+    "BBCNewsTransferSet",
     "BaseTransferSetDataModule",
+    "CausalLMTransferSet",
     "CacheProvenance",
     "DatasetTransferSet",
     "TransferSet",
     "check_targets",
+    "load_tokenizer",
     "example_batch",
     "normalise_batch",
     "select_transfer_samples",
+    "train_tokenizer",
     "CIFAR10TransferSet",
     "CIFAR100TransferSet",
     "DigitsTransferSet",
@@ -53,5 +63,6 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheError",
     "TensorTransferSet",
+    "TextClassificationTransferSet",
     "TransferSetDataModule",
 ]

@@ -37,10 +37,17 @@ from kd_lightning.functional.token_chunked import (
     chunked_token_divergence,
     fused_linear_token_divergence,
 )
+from kd_lightning.functional.transformer import (
+    attention_map_loss,
+    hidden_state_cosine,
+    hidden_state_mse,
+    token_cross_entropy,
+)
 
 __all__ = [
     "IGNORE_INDEX",
     "TOKEN_IGNORE_INDEX",
+    "attention_map_loss",
     "attention_transfer",
     "check_vocab_sizes",
     "chunked_token_divergence",
@@ -53,6 +60,8 @@ __all__ = [
     "fused_linear_token_divergence",
     "flow_of_solution_procedure",
     "hard_label_cross_entropy",
+    "hidden_state_cosine",
+    "hidden_state_mse",
     "logit_matching_mse",
     "logit_standardization_kd",
     "neuron_selectivity_transfer",
@@ -61,6 +70,7 @@ __all__ = [
     "sample_negatives",
     "similarity_preserving",
     "soft_target_kl",
+    "token_cross_entropy",
     "sparse_soft_target_kl",
     "token_divergence",
     "token_forward_kl",

@@ -35,8 +35,15 @@ from kd_lightning.losses.token import (
     TokenReverseKLLoss,
     TokenTotalVariationLoss,
 )
+from kd_lightning.losses.transformer import (
+    AttentionMapLoss,
+    HiddenStateCosineLoss,
+    HiddenStateMSELoss,
+    TokenCrossEntropyLoss,
+)
 
 __all__ = [
+    "AttentionMapLoss",
     "AttentionTransferLoss",
     "CRDLoss",
     "CorrelationCongruenceLoss",
@@ -46,6 +53,8 @@ __all__ = [
     "FitNetsHintLoss",
     "FusedLinearTokenDistillationLoss",
     "HardLabelCrossEntropy",
+    "HiddenStateCosineLoss",
+    "HiddenStateMSELoss",
     "LogitMatchingMSELoss",
     "LogitStandardizationKDLoss",
     "NSTLoss",
@@ -54,6 +63,7 @@ __all__ = [
     "SimilarityPreservingLoss",
     "SoftTargetKLLoss",
     "SparseSoftTargetKLLoss",
+    "TokenCrossEntropyLoss",
     "TokenDistillationLoss",
     "TokenForwardKLLoss",
     "TokenGeneralizedJSDLoss",

@@ -27,6 +27,7 @@ from kd_lightning.methods.checks import (
     check_class_count,
     check_optimizer,
     check_teacher_cache,
+    check_vocabulary,
     rng_state,
     set_rng_state,
     untouched,
@@ -381,12 +382,17 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         labels_checked = self.num_classes is not None  # else the models tell the class count
         if labels_checked:
             check_targets(batch.get("target"), self.num_classes)
+        frozen = {n for n, path in self.sources.items() if path.split(".")[0] in self.teacher_args}
+        crop = any(getattr(t.loss, "crop_vocab", False) for t in self.objective or [])
         with untouched(self):
             knowledge = self.forward_knowledge(batch, "val")
             reference = None  # the model that told the class count, when nothing else did
             for name in self.sources:
                 if name in knowledge:
                     label = f"{name} ({self.sources[name]})" if name != self.sources[name] else name
+                    if name in frozen and knowledge[name].dim() == 3 and self.num_classes:
+                        check_vocabulary(label, knowledge[name], self.num_classes, crop)
+                        continue  # per-token teacher: its vocabulary, cropped when a loss says
                     if self.num_classes is None:
                         reference = label
                     self.num_classes = check_class_count(

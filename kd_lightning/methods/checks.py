@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_lightning.functional.token import check_vocab_sizes
+
 
 def rng_state() -> dict[str, Any]:
     """Every random generator a run draws from: torch (CPU, CUDA), Python and NumPy."""
@@ -88,6 +90,19 @@ def check_class_count(
             "this data)"
         )
     return classes
+
+
+def check_vocabulary(name: str, logits: torch.Tensor, vocab: int, crop_vocab: bool) -> None:
+    """A frozen source's per-token logits ``(B, L, V_t)`` against the student's vocabulary.
+
+    Equal sizes pass; different sizes fail naming both, unless a loss of the objective crops
+    to the shared range (``crop_vocab=True``, see
+    :func:`~kd_lightning.functional.token.check_vocab_sizes`).
+    """
+    try:
+        check_vocab_sizes(vocab, int(logits.shape[-1]), crop_vocab)
+    except ValueError as err:
+        raise ValueError(f"the {name}'s vocabulary does not match the student's: {err}") from None
 
 
 def check_teacher_cache(module: Any, provenance: Any) -> None:

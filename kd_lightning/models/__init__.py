@@ -23,6 +23,8 @@ from kd_lightning.models.cifar import (
 )
 from kd_lightning.models.dropout_mlp import DropoutMLP
 from kd_lightning.models.from_checkpoint import FromCheckpoint
+from kd_lightning.models.hf import HFModel
+from kd_lightning.models.hf_students import ShallowCopy, shallow_copy
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.small_cnn import SmallCNN
 from kd_lightning.models.spec import instantiate, model_spec, records_init_args
@@ -32,6 +34,7 @@ __all__ = [
     "CIFAR_MODELS",
     "DropoutMLP",
     "FromCheckpoint",
+    "HFModel",
     "MLP",
     "MobileNetV2",
     "ResNet8",
@@ -44,6 +47,7 @@ __all__ = [
     "ResNet56",
     "ResNet110",
     "ShuffleNetV1",
+    "ShallowCopy",
     "ShuffleNetV2",
     "SmallCNN",
     "TinyViT",
@@ -55,5 +59,6 @@ __all__ = [
     "cifar_model",
     "instantiate",
     "model_spec",
+    "shallow_copy",
     "records_init_args",
 ]

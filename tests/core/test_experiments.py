@@ -14,8 +14,9 @@ STUDY_KEYS = {"runs", "seeds"}
 
 # Suites with their own one-step harness (CIFAR-shaped synthetic data, teachers of the right
 # architecture): tests/bench/test_cifar100_suite.py; multi-process, FSDP and cache configs:
-# tests/scale/test_scale_configs.py.
-OWN_HARNESS = ("cifar100", "scale")
+# tests/scale/test_scale_configs.py; text configs (MiniLM and BBC News from wheels, shrunk to
+# tiny models and corpora): tests/text/test_text_experiments.py.
+OWN_HARNESS = ("cifar100", "scale", "text")
 
 
 def _configs():

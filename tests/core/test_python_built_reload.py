@@ -39,6 +39,7 @@ from kd_lightning.losses import (
     soft_target,
     sparse_soft_target,
     token,
+    transformer,
 )
 from kd_lightning.methods import OfflineDistillation
 from kd_lightning.methods.online import MutualDistillation
@@ -93,6 +94,11 @@ CATALOGUE: dict[str, Entry] = {
     "TokenTotalVariationLoss": (lambda: token.TokenTotalVariationLoss(crop_vocab=True), {}),
     "FusedLinearTokenDistillationLoss": (
         lambda: token.FusedLinearTokenDistillationLoss(objective="reverse_kl", chunk_size=3), {}),
+    "HiddenStateMSELoss": (lambda: transformer.HiddenStateMSELoss(16, 32), HIDDEN),
+    "HiddenStateCosineLoss": (transformer.HiddenStateCosineLoss, HIDDEN),
+    "AttentionMapLoss": (lambda: transformer.AttentionMapLoss("kl"), HIDDEN),
+    "TokenCrossEntropyLoss": (
+        lambda: transformer.TokenCrossEntropyLoss(shift=False, reduction="sequence"), {}),
 }  # fmt: skip
 
 
