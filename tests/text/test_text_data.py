@@ -134,3 +134,25 @@ def test_lm_tokenizer_trained_once_on_the_training_documents(text_corpus, tmp_pa
     again = CausalLMTransferSet(**kwargs)  # reuses the directory
     assert (directory / "tokenizer.json").stat().st_mtime_ns == stamp
     assert again.num_classes == data.num_classes
+
+
+def test_teacher_cache_of_a_text_classifier(text_corpus, tokenizer_dir, tmp_path):
+    from kd_lightning.data import TeacherCache
+    from kd_lightning.models import HFModel
+    from tests.text.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    vocab = len(load_tokenizer(tokenizer_dir))
+    teacher = HFModel(model_type="bert", config=tiny_bert_config(vocab, layers=2),
+                      task="sequence-classification", num_classes=5).eval()  # fmt: skip
+    cache = TeacherCache(str(tmp_path / "cache"), teacher=teacher, dtype="float32", progress=False)
+    data = TextClassificationTransferSet(
+        tokenizer=str(tokenizer_dir), data_dir=str(text_corpus), batch_size=4, shuffle_seed=0,
+        teacher_cache=cache,
+    )  # fmt: skip
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        expected = teacher(**batch["input"]).logits
+    torch.testing.assert_close(batch["teacher_logits"], expected, rtol=1e-4, atol=1e-5)
