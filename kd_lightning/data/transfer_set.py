@@ -214,6 +214,13 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
         sampler = (
             EpochSeededSampler(len(dataset), self.shuffle_seed, with_epoch) if shuffle else None
         )
+        if sampler is not None:
+            # Worker processes prefetch as soon as the iterator starts, which Lightning does
+            # before its own set_epoch: a resumed run must start at its epoch, not at 0.
+            sampler.set_epoch(_epoch_to_run(getattr(self, "trainer", None)))
+        # The loader's own generator: starting an iterator draws its worker seed from it, not
+        # from the global one, so persistent workers (one draw per run, not per epoch) leave
+        # the global stream (dropout, CRD negatives) as an unbroken run has it after a resume.
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -221,6 +228,7 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
             num_workers=self.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(int(self.shuffle_seed)),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -235,6 +243,13 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+
+
+def _epoch_to_run(trainer: Any) -> int:
+    """The epoch a fit starts (or resumes) at: the one Lightning passes to ``set_epoch``."""
+    progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
+    processed = getattr(getattr(progress, "current", None), "processed", None)
+    return int(processed) if isinstance(processed, int) else 0
 
 class TransferSetDataModule(BaseTransferSetDataModule):
     """Base of in-memory tensor transfer sets: splits, labeled fraction, omitted classes, dict batches.

@@ -102,6 +102,9 @@ def _crd_terms() -> list[LossTerm]:
 
 CASES: dict[str, Callable[[str, str], Run]] = {
     "supervised_dropout": lambda t, s: Run(Supervised(_mlp(dropout=0.5))),
+    "supervised_dropout_two_workers": lambda t, s: Run(
+        Supervised(_mlp(dropout=0.5)), data=DigitsTransferSet(batch_size=32, num_workers=2)
+    ),
     "offline_crd": lambda t, s: Run(
         OfflineDistillation(_mlp(), PretrainedTeacher(t), loss_terms=_crd_terms())
     ),
