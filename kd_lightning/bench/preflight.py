@@ -27,6 +27,7 @@ from kd_lightning.bench.evaluate import implements
 from kd_lightning.bench.plan import CHECKPOINT_NAME, PlannedRun, digest, set_dotted
 from kd_lightning.bench.run import build_config, quiet_lightning, root_message, write_config
 from kd_lightning.bench.study_file import StudyError
+from kd_lightning.methods.checks import check_teacher_cache
 
 
 class PreflightError(StudyError):
@@ -90,6 +91,9 @@ def startup_checks(module: Any, datamodule: Any, example: dict[str, Any]) -> Non
     check = getattr(module, "check_example", None)
     if callable(check):
         check(example)
+        cache = getattr(datamodule, "teacher_cache", None)
+        if cache is not None and hasattr(cache, "provenance"):  # what setup checks in a run
+            check_teacher_cache(module, cache.provenance)
         return
     data_classes = getattr(datamodule, "num_classes", None)
     if getattr(module, "num_classes", None) is None and data_classes is not None:

@@ -4,15 +4,21 @@ on a top-k cache, logits of different ranks, and evaluations of the wrong (or no
 
 from __future__ import annotations
 
+import shutil
+
+import lightning as L
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from kd_lightning.bench.preflight import PreflightError
+from kd_lightning.bench.study import run_study
 from kd_lightning.data import DigitsTransferSet, TeacherCache, TeacherCacheError
 from kd_lightning.digest import module_digest
 from kd_lightning.losses import SoftTargetKLLoss
 from kd_lightning.losses.sparse_soft_target import SparseSoftTargetKLLoss
-from kd_lightning.methods import OfflineDistillation
+from kd_lightning.methods import OfflineDistillation, Supervised
 from kd_lightning.models import MLP
 from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import FrozenTeacher
@@ -123,3 +129,41 @@ def test_evaluating_the_wrong_or_no_weights_is_refused(
     code, err = run_cli([command, *config], capsys)
     first = err.strip().splitlines()[0]
     assert code == 2 and "--ckpt_path" in first and "--untrained" in first
+
+
+def test_a_study_run_with_a_cache_of_another_teacher_fails_before_any_run_trains(
+    tmp_path, supervised_checkpoint
+):
+    L.seed_everything(1, verbose=False)  # teacher B: another network than the cache's
+    other = trainer(tmp_path / "b", limit_train_batches=1, limit_val_batches=0)
+    other.fit(Supervised(MLP(hidden_sizes=[8])), DigitsTransferSet(batch_size=32))
+    teacher_b = tmp_path / "b.ckpt"
+    other.save_checkpoint(teacher_b)
+    teacher_a = tmp_path / "a.ckpt"
+    shutil.copy(supervised_checkpoint, teacher_a)
+    cache = {
+        "class_path": "kd_lightning.data.TeacherCache",
+        "init_args": {"path": str(tmp_path / "a.kdtc"), "teacher_checkpoint": str(teacher_a),
+                      "progress": False},
+    }  # fmt: skip
+    tiny = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 1}
+    runs = [
+        {"name": "alone", "config": str(DIGITS / "student_alone.yaml"), "overrides": tiny},
+        {
+            "name": "kd_cached",
+            "config": str(DIGITS / "hinton_kd.yaml"),
+            "overrides": {
+                **tiny,
+                "model.init_args.teacher.init_args.checkpoint_path": str(teacher_b),
+                "data.init_args.teacher_cache": cache,
+            },
+        },
+    ]
+    spec = {"name": "c", "seeds": [0], "output_dir": str(tmp_path / "out"), "runs": runs}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(PreflightError) as error:
+        run_study(path, echo=False)
+    message = str(error.value)
+    assert "'kd_cached'" in message and "configure the teacher the cache was built from" in message
+    assert not list((tmp_path / "out").rglob("result.json"))
