@@ -21,8 +21,9 @@ What this CLI adds to LightningCLI:
 * Errors are printed first and alone, noise is filtered: see :mod:`kd_lightning.cli_errors`.
 * ``fit`` never writes over an earlier run's checkpoint (a ``ModelCheckpoint`` with a fixed file
   name) unless ``--overwrite`` is given: see
-  :mod:`kd_lightning.callbacks.finished_checkpoints`. ``--ckpt_path`` files are read without
-  running code from them (``weights_only``).
+  :mod:`kd_lightning.callbacks.finished_checkpoints`; checkpoints are written atomically
+  (:class:`~kd_lightning.callbacks.finished_checkpoints.AtomicCheckpointIO`). ``--ckpt_path``
+  files are read without running code from them (``weights_only``).
 * ``fit`` writes ``checkpoints/best.ckpt`` (by the method's ``monitor``), ``last.ckpt`` and
   ``config.yaml`` into the run's own folder, prints one line per epoch off a terminal and a
   summary with those paths at the end: see :mod:`kd_lightning.cli_run_files`.
@@ -42,9 +43,13 @@ from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kd_lightning.artifact import read_checkpoint as read_artifact
-from kd_lightning.callbacks.finished_checkpoints import KeepFinishedCheckpoints
+from kd_lightning.callbacks.finished_checkpoints import (
+    AtomicCheckpointIO,
+    KeepFinishedCheckpoints,
+)
 from kd_lightning.callbacks.prediction_writer import PredictionWriter
 from kd_lightning.cli_errors import (
     CLIError,
@@ -330,6 +335,9 @@ class KDLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         overwrite = bool(self.config[self.subcommand].get("overwrite"))
         self.trainer.callbacks.insert(0, KeepFinishedCheckpoints(overwrite))  # before any output
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's or a sharded writer
+            strategy.checkpoint_io = AtomicCheckpointIO()
         for callback in self.trainer.callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:
                 quiet_first_run_checkpoint_dir(callback.dirpath)

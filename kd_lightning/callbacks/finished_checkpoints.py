@@ -11,18 +11,27 @@ one-epoch one, and a run that goes wrong would leave nothing to go back to.
 set-up, before the sanity check and the first step), for files such a callback would write, and
 refuses the run when one exists, unless replacing was asked for (``--overwrite``) or the fit
 resumes from a checkpoint (``--ckpt_path``: continuing a run rewrites its files by design).
-Checkpoint files themselves are written atomically by Lightning (a temporary file renamed into
-place), and never with non-finite weights (:mod:`kd_lightning.methods.nonfinite`).
+
+:class:`AtomicCheckpointIO` (the CLI installs it in place of Lightning's ``TorchCheckpointIO``)
+writes each checkpoint to a temporary file beside the target, syncs it and renames it into place,
+so an interrupted write never leaves half a file where a finished one was (Lightning's own writer
+goes through the system's temporary folder, a copy when that is another file system). No
+checkpoint of non-finite weights is written at all (:mod:`kd_lightning.methods.nonfinite`).
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import re
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 def _pattern(template: str, extension: str) -> str:
@@ -80,3 +89,28 @@ class KeepFinishedCheckpoints(Callback):
                 f"run pass --ckpt_path {found[0]}; to keep both, give the ModelCheckpoint another "
                 "dirpath or filename."
             )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on local paths: temporary file in the target's folder,
+    ``fsync``, ``os.replace``. Remote paths (``s3://``, ...) and ``storage_options`` go to
+    Lightning's writer."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise

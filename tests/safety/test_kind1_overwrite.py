@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from kd_lightning.callbacks.finished_checkpoints import KeepFinishedCheckpoints
+from kd_lightning.callbacks.finished_checkpoints import AtomicCheckpointIO, KeepFinishedCheckpoints
 from kd_lightning.data import DigitsTransferSet
 from kd_lightning.export_command import ExportCommandError, export_checkpoint
 from kd_lightning.methods import Supervised
@@ -49,8 +49,16 @@ def test_rerunning_the_teacher_config_is_refused_before_any_step(finished_teache
 
 
 def test_overwrite_replaces_on_purpose_but_a_non_finite_run_leaves_the_file(
-    finished_teacher, capsys
+    finished_teacher, capsys, monkeypatch
 ):
+    written = []
+    atomic_save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint, path, storage_options=None):
+        written.append(path)
+        atomic_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
     # A learning rate of 1e30 makes the loss non-finite after the first update.
     code, err = run_cli(
         _teacher_fit("--overwrite", "--model.init_args.optimizer.init_args.lr=1e30"), capsys
@@ -64,6 +72,7 @@ def test_overwrite_replaces_on_purpose_but_a_non_finite_run_leaves_the_file(
     replaced = torch.load(TEACHER_CKPT, weights_only=True)
     assert replaced["kd_lightning"]["student_spec"]["init_args"]["hidden_sizes"] == [8]
     assert TEACHER_CKPT.read_bytes() != finished_teacher
+    assert TEACHER_CKPT.resolve() in [Path(p).resolve() for p in written]  # written atomically
 
 
 @pytest.mark.parametrize(
@@ -125,3 +134,21 @@ def test_export_never_writes_over_its_checkpoint(tmp_path, supervised_checkpoint
     with pytest.raises(ExportCommandError, match="is the checkpoint file"):
         export_checkpoint(checkpoint, output=output, overwrite=True)
     assert checkpoint.read_bytes() == before
+
+
+class FailsWhenPickled:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_earlier_file_whole(tmp_path):
+    target = tmp_path / "teacher.ckpt"
+    target.write_bytes(b"finished")
+    io = AtomicCheckpointIO()
+    payload = {"state_dict": {"w": torch.zeros(10_000)}, "late": FailsWhenPickled()}
+    with pytest.raises(RuntimeError, match="simulated"):
+        io.save_checkpoint(payload, target)
+    assert target.read_bytes() == b"finished"
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher.ckpt"]  # no partial file left
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(3))
