@@ -99,10 +99,16 @@ class LossTerm(nn.Module):
         super().__init__()
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise TypeError(f"weight of a loss term must be a number, got {weight!r}")
-        if not math.isfinite(weight) or weight < 0:
+        term = name or _snake_name(loss)
+        if not math.isfinite(weight):
             raise ValueError(
-                f"weight of a loss term must be >= 0, got {weight} (term "
-                f"{name or _snake_name(loss)!r}); give a finite number >= 0"
+                f"weight of a loss term must be >= 0 and finite, got {weight} (term {term!r}): "
+                "a nan/inf weight makes every loss non-finite; give a number >= 0"
+            )
+        if weight < 0:
+            raise ValueError(
+                f"weight of a loss term must be >= 0, got {weight} (term {term!r}); give a "
+                "finite number >= 0"
             )
         if warmup_epochs and schedule is not None:
             raise ValueError("give either schedule or warmup_epochs, not both")
