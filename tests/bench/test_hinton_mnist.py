@@ -52,3 +52,30 @@ def test_shift_leaves_other_classes_and_the_input_unchanged():
     assert LOGITS[0, 0] == 2.0
     with pytest.raises(ValueError, match="at least one"):
         select_bias_shift(LOGITS, TARGETS, [2], [])
+
+
+def test_docs_quote_the_committed_report():
+    """docs/mnist.md's error counts are those of experiments/mnist/results/hinton2015.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = json.loads((root / "experiments/mnist/results/hinton2015.json").read_text())
+    doc = (root / "docs/mnist.md").read_text()
+    for table in ("main", "fashion"):
+        for errors in data[table].values():
+            if len(errors) > 1:
+                mean = f"{sum(errors) / len(errors):.1f}"
+                assert f"| {mean} | {', '.join(map(str, errors))} |" in doc, (table, errors)
+            else:
+                assert f"| {errors[0]} | {errors[0]} (seed 0 only) |" in doc, (table, errors)
+    omit3, only78 = data["omit3"], data["only78"]
+    assert f"{omit3['errors_before']} ({omit3['errors_before_on_class']})" in doc
+    assert f"**{omit3['errors_after']} ({omit3['errors_after_on_class']})**" in doc
+    size = only78["test_size"]
+    for key in ("errors_before", "errors_after"):
+        assert f"{100 * only78[key] / size:.1f}%" in doc
+    for width, row in data["temperature"].items():
+        temps = sorted((k for k in row if k != "alone"), key=float)
+        cells = [row["alone"][0]] + [row[t][0] for t in temps]
+        assert f"| 2x{width} | " + " | ".join(map(str, cells)) + " |" in doc
