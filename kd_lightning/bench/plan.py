@@ -10,6 +10,7 @@ unless asked to overwrite (``stale``: the folder holds a finished result of anot
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -85,7 +86,9 @@ def resolve_config(
     """The run's config for one seed: overrides, dependencies, seed, and the study's logging."""
     config = run.load_config()
     for key, value in run.overrides.items():
-        set_dotted(config, key, value)
+        # A copy: a dict-valued override is shared by every seed's config otherwise, and
+        # `needs` paths written into it would leak from one seed to the next.
+        set_dotted(config, key, copy.deepcopy(value))
     for key, dep in run.needs.items():
         set_dotted(config, key, str(checkpoints[dep]))
     config["seed_everything"] = seed

@@ -16,7 +16,7 @@ STUDY_KEYS = {"runs", "seeds"}
 # architecture): tests/bench/test_cifar100_suite.py; multi-process, FSDP and cache configs:
 # tests/scale/test_scale_configs.py; text configs (MiniLM and BBC News from wheels, shrunk to
 # tiny models and corpora): tests/text/test_text_experiments.py.
-OWN_HARNESS = ("cifar100", "scale", "text")
+OWN_HARNESS = ("cifar100", "fashion_mnist", "mnist", "scale", "text")
 
 
 def _configs():
