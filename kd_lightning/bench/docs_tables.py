@@ -34,7 +34,10 @@ from kd_lightning.bench.report import read_csv
 
 REGENERATE = "python -m kd_lightning.bench.docs_tables"
 END_MARKER = "<!-- /table -->"
-_BLOCK = re.compile(r"<!-- table: (?P<spec>.*?)-->\n(?P<body>.*?)" + re.escape(END_MARKER), re.S)
+_BLOCK = re.compile(
+    r"^<!-- table: (?P<spec>.*?)-->\n(?P<body>.*?)^" + re.escape(END_MARKER), re.S | re.M
+)
+_FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 FIGURE = re.compile(r"\d+\.\d+ ?(?:±|\+-|\+/-) ?\d+\.\d+")
 """A quoted study figure (``mean ± std``); outside generated blocks the docs must not have one."""
 
@@ -84,17 +87,31 @@ class DocsTableError(ValueError):
     """A block that cannot be generated; the message names the file and the fix."""
 
 
+def _fenced(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _FENCE.finditer(text)]
+
+
 def parse_blocks(text: str, where: str = "<text>") -> list[Block]:
-    """Every ``<!-- table: ... -->`` block of ``text``, with its spec checked."""
+    """Every block of ``text`` (a line starting ``<!-- table:``) outside code fences, checked."""
+    fences = _fenced(text)
+    outside = [m for m in _BLOCK.finditer(text) if not any(a <= m.start() < b for a, b in fences)]
+    opened = [
+        i for i in (m.start() for m in re.finditer("^<!-- table:", text, re.M))
+        if not any(a <= i < b for a, b in fences)
+    ]  # fmt: skip
+    if len(opened) != len(outside):
+        raise DocsTableError(f"{where}: a `<!-- table: ... -->` block lacks its `{END_MARKER}`")
     blocks = []
-    for match in _BLOCK.finditer(text):
+    for match in outside:
         line = text.count("\n", 0, match.start()) + 1
         place = f"{where}:{line}"
         try:
             head, _, rest = match["spec"].partition("\n")
             spec = yaml.safe_load(rest) or {}
         except yaml.YAMLError as error:
-            raise DocsTableError(f"{place}: the table spec is not YAML ({error})") from None
+            raise DocsTableError(
+                f"{place}: the table spec is not YAML (quote a label that holds ': '): {error}"
+            ) from None
         source = head.strip()
         if not source.endswith(".csv"):
             raise DocsTableError(f"{place}: `table:` must name a results.csv, got {source!r}")
@@ -116,8 +133,6 @@ def parse_blocks(text: str, where: str = "<text>") -> list[Block]:
                 body_end=match.end("body"),
             )
         )
-    if text.count("<!-- table:") != len(blocks):
-        raise DocsTableError(f"{where}: a `<!-- table: ... -->` block lacks its `{END_MARKER}`")
     return blocks
 
 
