@@ -12,8 +12,9 @@ A batch is a dict with
 
 :func:`normalise_batch` turns the batches users already have into that dict: an
 ``(input, target)`` tuple, or a Hugging Face style dict (``input_ids``, ``attention_mask``, ...,
-``labels``). :func:`check_targets` is the start-up check of labels; :func:`example_batch` gives
-any data module's first batch, for start-up checks.
+``labels``). :func:`check_targets` is the start-up check of labels; :class:`TargetGuard` checks
+the labels of every later batch (a user's data may hold bad labels only further in);
+:func:`example_batch` gives any data module's first batch, for start-up checks.
 
 Pure torch: no Lightning import (methods, callbacks and studies import this module).
 """
@@ -245,3 +246,127 @@ def check_not_empty(count: int, where: str, fix: str) -> None:
     """Refuse an empty split at set-up, before any step, with the fix."""
     if count == 0:
         raise ValueError(f"{where} is empty: {fix}")
+
+
+class InvalidTargets(ValueError):
+    """Labels of a batch after the first are not class indices of the task."""
+
+
+def invalid_targets(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Boolean mask of labels outside ``0..num_classes-1`` that are not an ignore value
+    (elementwise on the target's device: no host sync)."""
+    ignored = torch.zeros_like(target, dtype=torch.bool)
+    for value in IGNORE_VALUES:
+        ignored |= target == value
+    return ~ignored & ((target < 0) | (target >= num_classes))
+
+
+class TargetGuard:
+    """The label check of every batch after the example one, without a host sync per step.
+
+    The example batch is checked at start-up (:func:`check_targets`); a user's data module or
+    DataLoader may still hold bad labels only in later batches, where the loss would fail with a
+    raw ``IndexError`` (CPU) or a device-side assert that ends the process (CUDA). What is
+    checked, per batch:
+
+    - type, dtype and rank (tensor metadata, free everywhere): float, bool, another integer
+      dtype or a rank other than the example's (one-hot labels) raise at once;
+    - the range, on CPU tensors: at once, with the values (reading a CPU tensor costs no sync);
+    - the range, on an accelerator: a device-side mask replaces each bad label with the ignore
+      value (so no kernel asserts) and records the batch and the bad values in device tensors;
+      :meth:`raise_if_tripped` raises where the non-finite guard already reads its flags
+      (:mod:`kd_lightning.methods.nonfinite`: every ``log_every_n_steps`` steps, every epoch end,
+      before every checkpoint), so no checkpoint is written after a bad batch.
+    """
+
+    def __init__(self) -> None:
+        self.example_dim: int | None = None
+        self.num_classes: int | None = None
+        self.tripped: torch.Tensor | None = None  # bool: a bad label was seen
+        self.found: torch.Tensor | None = None  # long [batch, low, high] of the first bad batch
+        self.stage = ""
+
+    def expect(self, target: Any) -> None:
+        """Record the example's target rank (after :func:`check_targets` accepted it)."""
+        self.example_dim = target.dim() if isinstance(target, torch.Tensor) else None
+
+    def screen(
+        self,
+        target: Any,
+        num_classes: int | None,
+        batch_idx: int | None,
+        stage: str,
+        defer: bool | None = None,
+    ) -> Any:
+        """Check one batch's labels; returns the labels the step may use (see the class).
+
+        ``defer`` chooses the accelerator path (mask now, raise at the next read); ``None``:
+        for any tensor not on the CPU.
+
+        Raises:
+            TypeError: not a tensor, float/bool/int32 labels, or another rank than the example's.
+            InvalidTargets: out-of-range labels of a CPU batch (the values, the class count and
+                the fix).
+        """
+        if target is None and self.example_dim is None:
+            return target  # unlabeled data throughout (checked at start-up)
+        where = f"the labels of {stage} batch {batch_idx if batch_idx is not None else '?'}"
+        if not isinstance(target, torch.Tensor) or target.dtype != torch.long:
+            check_targets(target, num_classes, where)  # raises, naming the dtype and the fix
+        if self.example_dim is not None and target.dim() != self.example_dim:
+            raise TypeError(
+                f"{where} have shape {tuple(target.shape)} but the first batch's labels had "
+                f"{self.example_dim} dimension(s): every batch must hold class indices of one "
+                "shape (one-hot labels: use target.argmax(-1))"
+            )
+        if num_classes is None or not target.numel():
+            return target
+        if not (target.device.type != "cpu" if defer is None else defer):
+            try:
+                check_targets(target, num_classes, where)
+            except ValueError as err:
+                raise InvalidTargets(f"{err}. {LATER_BATCH_FIX}") from None
+            return target
+        bad = invalid_targets(target, num_classes)
+        self._record(bad, target, num_classes, batch_idx, stage)
+        fill = IGNORE_INDEX if target.dim() == 1 else TOKEN_IGNORE_INDEX
+        return torch.where(bad, torch.full_like(target, fill), target)
+
+    def _record(
+        self, bad: torch.Tensor, target: torch.Tensor, num_classes: int, batch_idx, stage
+    ) -> None:
+        any_bad = bad.any()
+        big = torch.iinfo(torch.long).max
+        low = torch.where(bad, target, torch.full_like(target, big)).min()
+        high = torch.where(bad, target, torch.full_like(target, -big)).max()
+        index = torch.full((), -1 if batch_idx is None else batch_idx, device=target.device)
+        found = torch.stack([index, low, high])
+        if self.tripped is None or self.tripped.device != bad.device:
+            self.tripped = torch.zeros((), dtype=torch.bool, device=bad.device)
+            self.found = torch.zeros(3, dtype=torch.long, device=bad.device)
+        first = any_bad & ~self.tripped  # keep the first bad batch
+        self.found = torch.where(first, found, self.found)
+        self.tripped = self.tripped | any_bad
+        self.num_classes = num_classes
+        self.stage = stage
+
+    def raise_if_tripped(self) -> None:
+        """Raise for the first bad batch recorded on an accelerator (one host sync)."""
+        if self.tripped is None or not bool(self.tripped):
+            return
+        batch, low, high = (int(v) for v in self.found.tolist())
+        values = str(low) if low == high else f"values from {low} to {high}"
+        raise InvalidTargets(
+            f"the labels of batch {batch} (a later {self.stage} batch) contain {values}, outside "
+            f"the valid range 0..{self.num_classes - 1} for num_classes={self.num_classes} "
+            f"(unlabeled samples use {IGNORE_INDEX}, masked tokens {TOKEN_IGNORE_INDEX}); they "
+            f"were left out of the loss until this check, and no checkpoint is written. "
+            + LATER_BATCH_FIX
+        )
+
+
+LATER_BATCH_FIX = (
+    "The first batch was valid: the data holds bad labels further in. Fix the dataset's labels "
+    "(every label must be a class index 0..num_classes-1), or set num_classes to the number of "
+    "classes the labels use"
+)

@@ -20,7 +20,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from kd_lightning.data.batch import batch_size, check_targets, example_batch, normalise_batch
+from kd_lightning.data.batch import (
+    TargetGuard,
+    batch_size,
+    check_targets,
+    example_batch,
+    normalise_batch,
+)
 from kd_lightning.features import FeatureCapture
 from kd_lightning.methods.checkpoints import StudentArtifactCheckpoints
 from kd_lightning.methods.checks import (
@@ -110,7 +116,8 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             self._add_model(name, models.get(name), frozen=True)
         self.objective = Objective(loss_terms) if loss_terms is not None else None
         self.metrics_service = KnowledgeMetrics()
-        self.nonfinite = NonFiniteGuard()
+        self.target_guard = TargetGuard()  # labels of every batch after the example
+        self.nonfinite = NonFiniteGuard(also=[self.target_guard])
         self._captures: dict[str, FeatureCapture] = {}
         self._checked = False
         if self.objective is not None:
@@ -290,10 +297,13 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         return []
 
     # ------------------------------------------------------------------ steps
-    def shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+    def shared_step(self, batch: Any, stage: str, batch_idx: int | None = None) -> torch.Tensor:
         batch = normalise_batch(batch)
         if not self._checked:
             self.check_example(batch)
+        target = self.target_guard.screen(batch.get("target"), self.num_classes, batch_idx, stage)
+        if target is not None:
+            batch["target"] = target
         knowledge = self.forward_knowledge(batch, stage)
         losses = self.compute_losses(knowledge, batch, stage)
         if stage == "train":
@@ -312,13 +322,13 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         return losses["loss"]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        return self.shared_step(batch, "train", batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.shared_step(batch, "val")
+        self.shared_step(batch, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.shared_step(batch, "test")
+        self.shared_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Student class probabilities (float32), ``(B, C)`` or ``(B, L, V)``."""
@@ -330,6 +340,11 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.nonfinite.raise_if_tripped()
+
+    def on_validation_end(self) -> None:
+        self.target_guard.raise_if_tripped()  # bad labels recorded on an accelerator
+
+    on_test_end = on_validation_end
 
     def on_fit_end(self) -> None:
         # Plain DataLoaders have no example batch: an empty one is only visible here.
@@ -361,9 +376,15 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         if cache is not None and hasattr(cache, "provenance"):
             check_teacher_cache(self, cache.provenance)
         if stage == "fit" or hasattr(datamodule, "example_batch"):
+            # The library's data modules check whole splits at set-up and give 2 samples; any
+            # other's whole first training batch is the example (what its loader yields before
+            # the first step anyway, so the label hints rest on a batch, not on 2 samples). The
+            # dataset is not scanned (a silent pass over every sample); TargetGuard checks the
+            # labels of every later batch in its step.
+            size = 2 if hasattr(datamodule, "example_batch") else None
             rng = rng_state()  # a shuffling loader draws a seed: the run must not notice
             try:
-                example = example_batch(datamodule)
+                example = example_batch(datamodule, size)
             finally:
                 set_rng_state(rng)
             self.check_example(example, stage)
@@ -382,6 +403,7 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         labels_checked = self.num_classes is not None  # else the models tell the class count
         if labels_checked:
             check_targets(batch.get("target"), self.num_classes)
+        self.target_guard.expect(batch.get("target"))
         frozen = {n for n, path in self.sources.items() if path.split(".")[0] in self.teacher_args}
         crop = any(getattr(t.loss, "crop_vocab", False) for t in self.objective or [])
         with untouched(self):

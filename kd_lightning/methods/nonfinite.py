@@ -6,6 +6,7 @@ every ``log_every_n_steps`` steps on an accelerator, at every epoch end and befo
 checkpoint is written. An update can also break the weights while the loss that produced it was
 still finite (float16 without the range for Adam's epsilon): before every checkpoint the
 trained parameters are checked too, so no checkpoint of non-finite weights is ever saved.
+The label guard (:class:`~kd_lightning.data.batch.TargetGuard`) is read at the same points.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class NonFiniteTraining(RuntimeError):
 class NonFiniteGuard:
     """Device-side record of which loss terms went non-finite (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: Iterable[Any] = ()) -> None:
+        # Other device-side guards (the label guard) read at the same points: one schedule.
+        self.also = tuple(also)
         self.names: list[str] = []
         self.flags: torch.Tensor | None = None
         self.first_step: torch.Tensor | None = None
@@ -43,10 +46,11 @@ class NonFiniteGuard:
         self.flags |= bad
 
     def maybe_raise(self, module: Any) -> None:
-        if self.flags is None:
+        if self.flags is None and all(getattr(g, "tripped", None) is None for g in self.also):
             return
         every = max(1, int(getattr(module.trainer, "log_every_n_steps", 1) or 1))
-        if self.flags.device.type == "cpu" or module.global_step % every == 0:
+        on_cpu = self.flags is not None and self.flags.device.type == "cpu"
+        if on_cpu or module.global_step % every == 0:
             self.raise_if_tripped(module.global_step)
 
     def check_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -65,6 +69,8 @@ class NonFiniteGuard:
         )
 
     def raise_if_tripped(self, step: int | None = None) -> None:
+        for guard in self.also:  # bad labels are the likelier cause of what follows
+            guard.raise_if_tripped()
         if self.flags is None or not bool(self.flags.any()):
             return
         bad = [n for n, f in zip(self.names, self.flags.tolist(), strict=True) if f]
