@@ -15,13 +15,15 @@ All failures are collected and reported together, each naming the run and the fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 
 from kd_lightning.bench.evaluate import implements
 from kd_lightning.bench.plan import CHECKPOINT_NAME, PlannedRun, digest, set_dotted
@@ -74,13 +76,36 @@ def example_batch(datamodule: Any) -> dict[str, Any]:
     return normalise_batch(batch)
 
 
-def startup_checks(module: Any, datamodule: Any, example: dict[str, Any]) -> None:
-    """The method's own start-up checks on ``example``, without a Trainer and without changing
+@contextlib.contextmanager
+def attached(module: Any, trainer: Any) -> Iterator[None]:
+    """``module.trainer = trainer`` for the block (as a fit attaches it), then detached again.
+
+    What the module reads from its trainer before the first step is then the planned run's:
+    ``max_epochs`` for schedules (:class:`~kd_lightning.objective.Progress`, PS-KD's
+    alpha_t), epoch 0 and step 0. ``None`` or a module without a ``trainer`` property (a
+    plain object) is left alone.
+    """
+    if trainer is None or not isinstance(module, LightningModule):
+        yield
+        return
+    module.trainer = trainer
+    try:
+        yield
+    finally:
+        module.trainer = None
+
+
+def startup_checks(
+    module: Any, datamodule: Any, example: dict[str, Any], trainer: Any = None
+) -> None:
+    """The method's own start-up checks on ``example``, without fitting and without changing
     the module's state that training would see (the module checked here is thrown away).
 
-    A method that defines a public ``check_example(batch)`` is asked through it; otherwise the
-    checks :class:`~kd_lightning.methods.DistillationModule` runs in ``setup`` are called one
-    by one (class counts of every output model, then ``validate_setup``).
+    A method that defines a public ``check_example(batch)`` is asked through it, with
+    ``trainer`` (the run's planned Trainer, not fitting) attached as a fit would attach it, so
+    schedules see the run's ``max_epochs``; otherwise the checks
+    :class:`~kd_lightning.methods.DistillationModule` runs in ``setup`` are called one by one
+    (class counts of every output model, then ``validate_setup``).
     """
     if not hasattr(module, "student"):
         raise ValueError(
@@ -90,7 +115,8 @@ def startup_checks(module: Any, datamodule: Any, example: dict[str, Any]) -> Non
         )
     check = getattr(module, "check_example", None)
     if callable(check):
-        check(example)
+        with attached(module, trainer):
+            check(example)
         cache = getattr(datamodule, "teacher_cache", None)
         if cache is not None and hasattr(cache, "provenance"):  # what setup checks in a run
             check_teacher_cache(module, cache.provenance)
@@ -165,7 +191,7 @@ def _check_one(
     cli = build_config(path)
     refuse_several_processes(cli.trainer)
     example = example_batch(cli.datamodule)
-    startup_checks(cli.model, cli.datamodule, example)
+    startup_checks(cli.model, cli.datamodule, example, cli.trainer)
     if not implements(cli.datamodule, "test_dataloader"):
         raise ValueError(
             f"{type(cli.datamodule).__name__} has no test_dataloader(); a study reports test "

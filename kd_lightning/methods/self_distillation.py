@@ -209,6 +209,21 @@ class BranchSelfDistillation(OwnKnowledgeModule):
             self.build_heads(self.example_input())
         super().setup(stage)
 
+    def check_example(self, batch: Any, stage: str = "fit") -> None:
+        """The base's checks; without exits yet (before ``setup``), they run with exits built
+        from ``batch`` for the check alone, then dropped with the random state restored, so
+        the module is left as it was and ``setup`` builds the exits a fit trains."""
+        if self.heads is not None:
+            super().check_example(batch, stage)
+            return
+        state = rng_state()
+        try:
+            self.build_heads(normalise_batch(batch)["input"])
+            super().check_example(batch, stage)
+        finally:
+            self.heads, self.head_config = None, None
+            set_rng_state(state)
+
     # ------------------------------------------------------------------ knowledge
     def forward_knowledge(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         if self.heads is None:
