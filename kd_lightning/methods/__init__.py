@@ -4,6 +4,7 @@ from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.methods.data_free import DataFreeDistillation
 from kd_lightning.methods.offline import BornAgain, OfflineDistillation, hinton_loss_terms
 from kd_lightning.methods.online import MutualDistillation
+from kd_lightning.methods.on_policy import OnPolicyDistillation
 from kd_lightning.methods.progressive import ProgressiveDistillation
 from kd_lightning.methods.self_distillation import BranchSelfDistillation, MeanTeacherDistillation
 from kd_lightning.methods.self_knowledge import CSKD, PSKD
@@ -20,6 +21,7 @@ __all__ = [
     "MeanTeacherDistillation",
     "MutualDistillation",
     "OfflineDistillation",
+    "OnPolicyDistillation",
     "PSKD",
     "ProgressiveDistillation",
     "Supervised",
