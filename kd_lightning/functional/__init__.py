@@ -37,6 +37,7 @@ from kd_lightning.functional.token_chunked import (
     chunked_token_divergence,
     fused_linear_token_divergence,
 )
+from kd_lightning.functional.token_sparse import sparse_token_divergence
 from kd_lightning.functional.transformer import (
     attention_map_loss,
     hidden_state_cosine,
@@ -70,6 +71,7 @@ __all__ = [
     "sample_negatives",
     "similarity_preserving",
     "soft_target_kl",
+    "sparse_token_divergence",
     "token_cross_entropy",
     "sparse_soft_target_kl",
     "token_divergence",

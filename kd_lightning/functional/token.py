@@ -195,6 +195,43 @@ def token_weights(
     return keep / per_sequence.clamp_min(1) / sequences
 
 
+def flat_token_weights(
+    leading: tuple[int, ...] | torch.Size,
+    target: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    shift: bool,
+    reduction: str,
+    ignore_index: int,
+    device: torch.device | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`token_weights` of the leading shape ``(B, L)`` / ``(N,)``, flattened to ``(N,)``."""
+    return token_weights(
+        tuple(leading),
+        target,
+        mask,
+        shift=shift,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        device=device,
+        dtype=dtype,
+    ).reshape(-1)
+
+
+def check_token_layout(
+    student: torch.Size,
+    teacher: torch.Size,
+    student_what: str = "logits",
+    teacher_what: str = "logits",
+) -> None:
+    """Refuse student and teacher tensors whose shapes differ (compare only what must match)."""
+    if tuple(student) != tuple(teacher):
+        raise ValueError(
+            f"Student {student_what} {tuple(student)} and teacher {teacher_what} "
+            f"{tuple(teacher)} must have the same (B, L) / (N,) token layout."
+        )
+
+
 def scaled_rows(
     logits: torch.Tensor, keep: torch.Tensor, temperature: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -293,24 +330,13 @@ def token_divergence(
     """
     check_token_options(objective, beta, temperature, reduction)
     student, teacher = crop_to_shared_vocab(student, teacher.detach(), crop_vocab)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
-            "must have the same (B, L) / (N,) token layout."
-        )
-    weights = token_weights(
-        tuple(student.shape[:-1]),
-        target,
-        mask,
-        shift=shift,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        device=student.device,
-        dtype=compute_dtype(student, teacher),
-    ).reshape(-1)
+    check_token_layout(student.shape, teacher.shape)
+    dtype = compute_dtype(student, teacher)
+    weights = flat_token_weights(
+        student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
+    )
     vocab = student.shape[-1]
     with full_precision(student):
-        dtype = weights.dtype
         keep = (weights > 0).unsqueeze(-1)
         objective = effective_objective(objective, beta)
         # The scaled copies are temporaries: only the log-probabilities stay for backward.

@@ -45,11 +45,12 @@ from torch.autograd.function import once_differentiable
 from kd_lightning.functional._precision import compute_dtype, full_precision
 from kd_lightning.functional.token import (
     TOKEN_IGNORE_INDEX,
+    check_token_layout,
     check_token_options,
     check_vocab_sizes,
     effective_objective,
+    flat_token_weights,
     scaled_rows,
-    token_weights,
 )
 
 MAX_CHUNKS = 16
@@ -287,19 +288,6 @@ class _FusedLinearTokenDivergence(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def _flat_weights(leading, target, mask, shift, reduction, ignore_index, device, dtype):
-    return token_weights(
-        tuple(leading),
-        target,
-        mask,
-        shift=shift,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        device=device,
-        dtype=dtype,
-    ).reshape(-1)
-
-
 def chunked_token_divergence(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -325,16 +313,12 @@ def chunked_token_divergence(
     check_token_options(objective, beta, temperature, reduction)
     size = check_vocab_sizes(student.shape[-1], teacher.shape[-1], crop_vocab)
     student, teacher = student[..., :size], teacher.detach()[..., :size]
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"Student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
-            "must have the same (B, L) / (N,) token layout."
-        )
+    check_token_layout(student.shape, teacher.shape)
     dtype = compute_dtype(student, teacher)
-    weights = _flat_weights(
+    weights = flat_token_weights(
         student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
     )
-    chunk = _check_chunk(chunk_size, weights.numel(), size)
+    chunk = chunk_rows(chunk_size, weights.numel(), size)
     scale = temperature**2 if scale_by_t2 else 1.0
     with full_precision(student):
         return _ChunkedTokenDivergence.apply(
@@ -407,29 +391,19 @@ def fused_linear_token_divergence(
     else:
         teacher_weight = teacher_weight.detach()[:size]
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()[:size]
-    if student_hidden.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(
-            f"Student hidden states {tuple(student_hidden.shape)} and teacher "
-            f"{'hidden states' if teacher_weight is not None else 'logits'} "
-            f"{tuple(teacher.shape)} must have the same (B, L) / (N,) token layout."
-        )
+    teacher_what = "hidden states" if teacher_weight is not None else "logits"
+    check_token_layout(student_hidden.shape[:-1], teacher.shape[:-1], "hidden states", teacher_what)
     if student_hidden.shape[-1] != student_weight.shape[-1]:
         raise ValueError(
             f"Student hidden size {student_hidden.shape[-1]} does not match the output weight "
             f"{tuple(student_weight.shape)}, which must be (vocab, hidden) like nn.Linear.weight."
         )
     dtype = compute_dtype(student_hidden, student_weight, teacher)
-    weights = _flat_weights(
-        student_hidden.shape[:-1],
-        target,
-        mask,
-        shift,
-        reduction,
-        ignore_index,
-        student_hidden.device,
-        dtype,
-    )
-    chunk = _check_chunk(chunk_size, weights.numel(), size)
+    weights = flat_token_weights(
+        student_hidden.shape[:-1], target, mask, shift, reduction, ignore_index,
+        student_hidden.device, dtype,
+    )  # fmt: skip
+    chunk = chunk_rows(chunk_size, weights.numel(), size)
     scale = temperature**2 if scale_by_t2 else 1.0
     return _FusedLinearTokenDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
@@ -447,11 +421,20 @@ def fused_linear_token_divergence(
     )
 
 
-def _check_chunk(chunk_size: int | None, tokens: int, vocab: int) -> int:
-    if chunk_size is None:
-        return default_chunk_rows(tokens, vocab)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` if it is None or a positive number of tokens; else a ``ValueError``."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(
-            f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}."
+            "chunk_size must be None (the default chunk) or a positive number of tokens (rows "
+            f"of the flattened (N, V) logits), got {chunk_size!r}."
         )
+    return chunk_size
+
+
+def chunk_rows(chunk_size: int | None, tokens: int, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_size`` checked, or :func:`default_chunk_rows` when None."""
+    if check_chunk_size(chunk_size) is None:
+        return default_chunk_rows(tokens, vocab)
     return chunk_size

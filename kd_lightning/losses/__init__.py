@@ -35,6 +35,7 @@ from kd_lightning.losses.token import (
     TokenReverseKLLoss,
     TokenTotalVariationLoss,
 )
+from kd_lightning.losses.token_sparse import SparseTokenDistillationLoss
 from kd_lightning.losses.transformer import (
     AttentionMapLoss,
     HiddenStateCosineLoss,
@@ -63,6 +64,7 @@ __all__ = [
     "SimilarityPreservingLoss",
     "SoftTargetKLLoss",
     "SparseSoftTargetKLLoss",
+    "SparseTokenDistillationLoss",
     "TokenCrossEntropyLoss",
     "TokenDistillationLoss",
     "TokenForwardKLLoss",

@@ -14,6 +14,8 @@ forward KL(teacher || student), ``beta=1`` the reverse KL(student || teacher), a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -23,21 +25,11 @@ from kd_lightning.functional.token import (
     token_divergence,
 )
 from kd_lightning.functional.token_chunked import (
+    check_chunk_size,
     chunked_token_divergence,
     fused_linear_token_divergence,
 )
 from kd_lightning.models.spec import records_init_args
-
-
-def _check_chunk_size(chunk_size: int | None) -> int | None:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(
-            f"chunk_size must be None (no chunking) or a positive number of tokens, got "
-            f"{chunk_size!r}."
-        )
-    return chunk_size
 
 
 @records_init_args
@@ -95,7 +87,7 @@ class TokenDistillationLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = int(ignore_index)
         self.crop_vocab = bool(crop_vocab)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def options(self) -> dict:
         """The keyword arguments shared by the functional forms."""
@@ -132,12 +124,10 @@ class TokenDistillationLoss(nn.Module):
         )
 
 
-@records_init_args
-class TokenForwardKLLoss(TokenDistillationLoss):
-    """Forward KL(teacher || student) per token (word-level KD, Kim & Rush 2016); mass-covering.
+class _OneObjectiveTokenLoss(TokenDistillationLoss):
+    """A :class:`TokenDistillationLoss` whose objective is fixed by the subclass (``OBJECTIVE``)."""
 
-    Args as :class:`TokenDistillationLoss`, without ``objective`` and ``beta``.
-    """
+    OBJECTIVE = "forward_kl"
 
     def __init__(
         self,
@@ -150,7 +140,7 @@ class TokenForwardKLLoss(TokenDistillationLoss):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__(
-            objective="forward_kl",
+            objective=self.OBJECTIVE,
             temperature=temperature,
             scale_by_t2=scale_by_t2,
             shift=shift,
@@ -162,7 +152,17 @@ class TokenForwardKLLoss(TokenDistillationLoss):
 
 
 @records_init_args
-class TokenReverseKLLoss(TokenDistillationLoss):
+class TokenForwardKLLoss(_OneObjectiveTokenLoss):
+    """Forward KL(teacher || student) per token (word-level KD, Kim & Rush 2016); mass-covering.
+
+    Args as :class:`TokenDistillationLoss`, without ``objective`` and ``beta``.
+    """
+
+    OBJECTIVE = "forward_kl"
+
+
+@records_init_args
+class TokenReverseKLLoss(_OneObjectiveTokenLoss):
     """Reverse KL(student || teacher) per token (MiniLLM, Gu et al. 2024); mode-seeking.
 
     Taken over the teacher's support: where a teacher logit is ``-inf`` the student's
@@ -170,26 +170,7 @@ class TokenReverseKLLoss(TokenDistillationLoss):
     Args as :class:`TokenDistillationLoss`, without ``objective`` and ``beta``.
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        scale_by_t2: bool = True,
-        shift: bool = True,
-        reduction: str = "token",
-        ignore_index: int = TOKEN_IGNORE_INDEX,
-        crop_vocab: bool = False,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            objective="reverse_kl",
-            temperature=temperature,
-            scale_by_t2=scale_by_t2,
-            shift=shift,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            crop_vocab=crop_vocab,
-            chunk_size=chunk_size,
-        )
+    OBJECTIVE = "reverse_kl"
 
 
 @records_init_args
@@ -202,58 +183,19 @@ class TokenGeneralizedJSDLoss(TokenDistillationLoss):
     Args as :class:`TokenDistillationLoss`, without ``objective``.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        scale_by_t2: bool = True,
-        shift: bool = True,
-        reduction: str = "token",
-        ignore_index: int = TOKEN_IGNORE_INDEX,
-        crop_vocab: bool = False,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            objective="jsd",
-            beta=beta,
-            temperature=temperature,
-            scale_by_t2=scale_by_t2,
-            shift=shift,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            crop_vocab=crop_vocab,
-            chunk_size=chunk_size,
-        )
+    def __init__(self, beta: float = 0.5, **options) -> None:
+        super().__init__(objective="jsd", beta=beta, **options)
 
 
 @records_init_args
-class TokenTotalVariationLoss(TokenDistillationLoss):
+class TokenTotalVariationLoss(_OneObjectiveTokenLoss):
     r"""Total variation distance :math:`\tfrac12 \sum_i |p_i - q_i|` per token (Wen et al. 2023).
 
     Bounded by 1 per token. Args as :class:`TokenDistillationLoss`, without ``objective`` and
     ``beta``; ``scale_by_t2`` is kept for uniformity (the T^2 argument is the KLs').
     """
 
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        scale_by_t2: bool = True,
-        shift: bool = True,
-        reduction: str = "token",
-        ignore_index: int = TOKEN_IGNORE_INDEX,
-        crop_vocab: bool = False,
-        chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            objective="total_variation",
-            temperature=temperature,
-            scale_by_t2=scale_by_t2,
-            shift=shift,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            crop_vocab=crop_vocab,
-            chunk_size=chunk_size,
-        )
+    OBJECTIVE = "total_variation"
 
 
 @records_init_args
@@ -265,11 +207,20 @@ class FusedLinearTokenDistillationLoss(TokenDistillationLoss):
     full ``(N, V)`` logits never exist (Liger-Kernel's fused-linear idea, in plain torch).
     Gradients reach the hidden states, the weight and the bias; never the teacher.
 
-    ``forward(*, student, teacher, target=None, mask=None, student_weight, student_bias=None,
-    teacher_weight=None, teacher_bias=None)``: ``student`` are the hidden states ``(B, L, H)``
-    or ``(N, H)`` (the input of ``lm_head``), ``student_weight`` is ``lm_head.weight``
-    ``(V, H)``. ``teacher`` are the teacher's logits, or its final hidden states when
-    ``teacher_weight`` (``(V_t, H_t)``) is given (then the teacher's logits never exist either).
+    ``forward(*, student, teacher, target=None, mask=None, student_weight=None,
+    student_bias=None, teacher_weight=None, teacher_bias=None)``: ``student`` are the hidden
+    states ``(B, L, H)`` or ``(N, H)`` (the input of ``lm_head``), ``student_weight`` is
+    ``lm_head.weight`` ``(V, H)``. ``teacher`` are the teacher's logits, or its final hidden
+    states when ``teacher_weight`` (``(V_t, H_t)``) is given (then the teacher's logits never
+    exist either). Either side may instead be a list ``[hidden, weight]`` or ``[hidden, weight,
+    bias]``, which is what a :class:`~kd_lightning.objective.LossTerm` reading the output
+    layer's input and parameters gives (a YAML objective)::
+
+        - class_path: kd_lightning.objective.LossTerm
+          init_args:
+            student: ["lm_head:input", "lm_head:parameter.weight"]
+            teacher: logits
+            loss: {class_path: kd_lightning.losses.FusedLinearTokenDistillationLoss}
 
     Args: as :class:`TokenDistillationLoss`; ``chunk_size`` (tokens per chunk) defaults to
     ``ceil(N / 16)`` tokens, kept between 8M and 64M logits per chunk.
@@ -278,15 +229,27 @@ class FusedLinearTokenDistillationLoss(TokenDistillationLoss):
     def forward(
         self,
         *,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
+        student: torch.Tensor | Sequence[torch.Tensor],
+        teacher: torch.Tensor | Sequence[torch.Tensor],
         target: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        student_weight: torch.Tensor,
+        student_weight: torch.Tensor | None = None,
         student_bias: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        student, student_weight, student_bias = _output_layer(
+            "student", student, student_weight, student_bias
+        )
+        teacher, teacher_weight, teacher_bias = _output_layer(
+            "teacher", teacher, teacher_weight, teacher_bias
+        )
+        if student_weight is None:
+            raise TypeError(
+                "FusedLinearTokenDistillationLoss needs the student's output-layer weight: pass "
+                "student_weight=lm_head.weight, or in a LossTerm read student: "
+                "['lm_head:input', 'lm_head:parameter.weight'] (the hidden states and the weight)."
+            )
         return fused_linear_token_divergence(
             student,
             student_weight,
@@ -299,3 +262,17 @@ class FusedLinearTokenDistillationLoss(TokenDistillationLoss):
             chunk_size=self.chunk_size,
             **self.options(),
         )
+
+
+def _output_layer(side: str, value, weight, bias) -> tuple:
+    """``(hidden or logits, weight, bias)`` of one side given as a tensor or a list."""
+    if isinstance(value, torch.Tensor):
+        return value, weight, bias
+    parts = list(value)
+    if not 2 <= len(parts) <= 3 or weight is not None or bias is not None:
+        raise TypeError(
+            f"FusedLinearTokenDistillationLoss: the {side} as a list must be [hidden, weight] or "
+            f"[hidden, weight, bias] (and then no {side}_weight/{side}_bias argument); got "
+            f"{len(parts)} entries."
+        )
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
