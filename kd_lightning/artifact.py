@@ -11,6 +11,8 @@ Every checkpoint written by a kd_lightning method has, under ``checkpoint["kd_li
 :func:`load_student`, :class:`~kd_lightning.teachers.PretrainedTeacher` and
 :class:`~kd_lightning.models.FromCheckpoint` read only that record. Every file a user names is
 read with ``torch.load(weights_only=True)``: a checkpoint cannot run code when it is loaded.
+The one exception is asked for by name: ``trust_pickled_code=True`` (a teacher,
+:func:`load_student`) reads a file the user trusts with the full unpickler.
 """
 
 from __future__ import annotations
@@ -30,10 +32,21 @@ TRUST_HINT = (
     "Only if you trust the file's origin, load it yourself with torch.load(path, "
     "weights_only=False) and pass the resulting module/state_dict in Python."
 )
+TEACHER_TRUST_HINT = (
+    "Only if you trust the file's origin, opt in with trust_pickled_code=True "
+    "(PretrainedTeacher(..., trust_pickled_code=True); in a config `trust_pickled_code: true` "
+    "in the teacher's init_args, on the command line "
+    "--model.init_args.teacher.init_args.trust_pickled_code=true): the file is then read with "
+    "torch.load(weights_only=False) and runs whatever code it holds."
+)
 
 
 def read_checkpoint(
-    path: str | Path, what: str = "checkpoint", mmap: bool = False
+    path: str | Path,
+    what: str = "checkpoint",
+    mmap: bool = False,
+    trust_pickled_code: bool = False,
+    trust_hint: str = TRUST_HINT,
 ) -> dict[str, Any]:
     """Read a ``.ckpt``/``.pt`` file on the CPU without running code from it.
 
@@ -41,6 +54,10 @@ def read_checkpoint(
         path: the file.
         what: how the error messages name the file ("teacher checkpoint", ...).
         mmap: memory-map the tensors instead of reading them (a large file only inspected).
+        trust_pickled_code: read with the full unpickler (``weights_only=False``): the file
+            runs whatever code it holds. Only for a file whose origin the user trusts and
+            explicitly opted in for.
+        trust_hint: the sentence of a refusal that names the opt-in of the caller.
 
     Returns:
         The loaded object (a dict for every checkpoint this library or Lightning writes).
@@ -58,13 +75,14 @@ def read_checkpoint(
             f"experiments/digits/teacher.yaml`) or fix {fix}."
         )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        trusted = trust_pickled_code  # the user's explicit opt-in, by name
+        loaded = torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - every failure means the file is unusable as is
         text = str(err)
         if "Unsupported global" in text or "GLOBAL" in text:
             raise ValueError(
                 f"{what} {str(path)!r} holds Python objects beyond tensors and plain containers; "
-                "loading it would run code from the file, so kd_lightning refuses it. " + TRUST_HINT
+                "loading it would run code from the file, so kd_lightning refuses it. " + trust_hint
             ) from None
         raise ValueError(
             f"{what} {str(path)!r} is not a readable checkpoint ({type(err).__name__}: "
@@ -144,7 +162,12 @@ def load_state_into(
     )
 
 
-def load_student(checkpoint_path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load_student(
+    checkpoint_path: str | Path,
+    model: nn.Module | None = None,
+    trust_pickled_code: bool = False,
+    trust_hint: str = TRUST_HINT,
+) -> nn.Module:
     """Rebuild the student of a kd_lightning checkpoint, with its weights, in eval mode.
 
     Args:
@@ -152,12 +175,16 @@ def load_student(checkpoint_path: str | Path, model: nn.Module | None = None) ->
         model: an instance of the student's architecture, for students whose spec the
             checkpoint does not know (a model built in Python outside the zoo). Its weights are
             replaced.
+        trust_pickled_code, trust_hint: see :func:`read_checkpoint` (off: the file cannot run
+            code).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_checkpoint`; a checkpoint without a
             recorded spec and no ``model``; weights that do not fit.
     """
-    checkpoint = read_checkpoint(checkpoint_path)
+    checkpoint = read_checkpoint(
+        checkpoint_path, trust_pickled_code=trust_pickled_code, trust_hint=trust_hint
+    )
     record = student_record(checkpoint, checkpoint_path)
     if model is None:
         spec = record.get("student_spec")

@@ -13,6 +13,8 @@ from torch import nn
 
 from kd_lightning.artifact import (
     CHECKPOINT_KEY,
+    TEACHER_TRUST_HINT,
+    TRUST_HINT,
     load_state_into,
     load_student,
     read_checkpoint,
@@ -34,7 +36,11 @@ def _common_prefix(keys: list[str], model_keys: set[str]) -> str | None:
 
 
 def load_weights_file(
-    path: str | Path, model: nn.Module, key_prefix: str | None = None
+    path: str | Path,
+    model: nn.Module,
+    key_prefix: str | None = None,
+    trust_pickled_code: bool = False,
+    trust_hint: str = TRUST_HINT,
 ) -> nn.Module:
     """Load a plain ``state_dict`` file or another Lightning checkpoint into ``model``.
 
@@ -44,11 +50,12 @@ def load_weights_file(
         key_prefix: prefix of the model's keys in the file (``"model."`` for a LightningModule
             that holds the network as ``self.model``); ``None`` finds it when the file's keys
             contain the model's keys under one common prefix.
+        trust_pickled_code, trust_hint: see :func:`kd_lightning.artifact.read_checkpoint`.
 
     Raises:
         ValueError: no prefix fits, or the weights do not fit the architecture.
     """
-    loaded = read_checkpoint(path, "teacher weights")
+    loaded = read_checkpoint(path, "teacher weights", False, trust_pickled_code, trust_hint)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"{str(path)!r} holds no state_dict (a mapping of names to tensors)")
@@ -98,6 +105,9 @@ class PretrainedTeacher(FrozenTeacher):
         model: the architecture to load the weights into (an ``nn.Module`` or a
             ``class_path``/``init_args`` spec); required for files that do not record it.
         key_prefix: prefix of the model's keys in a foreign checkpoint; ``None``: found.
+        trust_pickled_code: read the file with the full unpickler (``weights_only=False``), so
+            it runs whatever code it holds. Off by default: a file that holds more than tensors
+            and plain containers is refused. Turn it on only for a file whose origin you trust.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`kd_lightning.artifact.read_checkpoint`.
@@ -108,6 +118,7 @@ class PretrainedTeacher(FrozenTeacher):
         checkpoint_path: str,
         model: nn.Module | dict[str, Any] | None = None,
         key_prefix: str | None = None,
+        trust_pickled_code: bool = False,
     ) -> None:
         path = Path(checkpoint_path)
         if isinstance(model, dict):
@@ -120,22 +131,25 @@ class PretrainedTeacher(FrozenTeacher):
                 )
             module = _load_hugging_face(path)
         else:
-            module = self._load_file(path, model, key_prefix)
+            module = self._load_file(path, model, key_prefix, trust_pickled_code)
         super().__init__(module)
         self.checkpoint_path = str(checkpoint_path)
 
     @staticmethod
-    def _load_file(path: Path, model: nn.Module | None, key_prefix: str | None) -> nn.Module:
-        checkpoint = read_checkpoint(path, "teacher checkpoint")
+    def _load_file(
+        path: Path, model: nn.Module | None, key_prefix: str | None, trusted: bool
+    ) -> nn.Module:
+        trust = {"trust_pickled_code": trusted, "trust_hint": TEACHER_TRUST_HINT}
+        checkpoint = read_checkpoint(path, "teacher checkpoint", **trust)
         if isinstance(checkpoint, dict) and CHECKPOINT_KEY in checkpoint and key_prefix is None:
-            return load_student(path, model)
+            return load_student(path, model, **trust)
         if model is None:
             raise ValueError(
                 f"{str(path)!r} is a plain state_dict or a checkpoint not written by kd_lightning: "
                 "pass model=<the teacher's architecture> (in YAML: model: {class_path: ..., "
                 "init_args: ...}) so the weights can be loaded into it"
             )
-        return load_weights_file(path, model, key_prefix)
+        return load_weights_file(path, model, key_prefix, **trust)
 
 
 class PermutedTeacher(FrozenTeacher):
@@ -151,6 +165,7 @@ class PermutedTeacher(FrozenTeacher):
         permutation: the class permutation; default: a derangement (no class kept) drawn with
             ``seed``.
         seed: seed of the default permutation.
+        trust_pickled_code: see :class:`PretrainedTeacher` (off: the file cannot run code).
     """
 
     def __init__(
@@ -159,10 +174,13 @@ class PermutedTeacher(FrozenTeacher):
         teacher: nn.Module | None = None,
         permutation: list[int] | None = None,
         seed: int = 0,
+        trust_pickled_code: bool = False,
     ) -> None:
         if (checkpoint_path is None) == (teacher is None):
             raise ValueError("PermutedTeacher needs exactly one of checkpoint_path and teacher")
-        super().__init__(teacher if teacher is not None else PretrainedTeacher(checkpoint_path))
+        if teacher is None:
+            teacher = PretrainedTeacher(checkpoint_path, trust_pickled_code=trust_pickled_code)
+        super().__init__(teacher)
         if permutation is not None and sorted(permutation) != list(range(len(permutation))):
             raise ValueError(f"permutation must list 0..C-1 once each, got {permutation}")
         self.permutation = permutation
