@@ -14,6 +14,12 @@ from kd_lightning.data.cifar import CIFAR10TransferSet, CIFAR100TransferSet, Ima
 from kd_lightning.data.dataset_transfer_set import DatasetTransferSet
 from kd_lightning.data.datasets import TransferSet, select_transfer_samples
 from kd_lightning.data.digits import DigitsTransferSet
+from kd_lightning.data.generated_targets import (
+    GeneratedSequences,
+    GenerationsError,
+    SequenceKDTransferSet,
+    TeacherGenerations,
+)
 from kd_lightning.data.idx import IDXFileError
 from kd_lightning.data.mnist import FashionMNISTTransferSet, MNISTTransferSet
 from kd_lightning.data.synthesised import SynthesisedTransferSet
@@ -54,6 +60,10 @@ __all__ = [
     "DigitsTransferSet",
     "EpochSeededSampler",
     "FashionMNISTTransferSet",
+    "GeneratedSequences",
+    "GenerationsError",
+    "SequenceKDTransferSet",
+    "TeacherGenerations",
     "IDXFileError",
     "ImageTransferSet",
     "InvalidCacheFile",
