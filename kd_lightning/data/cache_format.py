@@ -7,20 +7,29 @@ Arrays per cached split (``rows`` samples of the split, ``views`` augmented view
 - top-k: ``<split>/values`` ``(rows, views, k)`` log-probabilities at the recorded temperature
   under the full softmax (the tail's mass ``1 - sum(exp(values))`` is implied, not
   renormalised away: ``tail = "rest_mass"``) and ``<split>/indices`` (int16 or int32);
+- per token (``granularity = "token"``, language models, top-k only): ``<split>/values`` and
+  ``<split>/indices`` ``(tokens, k)`` for every real token (attention mask 1) of every sequence,
+  sequences one after the other, and ``<split>/offsets`` ``(rows + 1,)`` int64: sequence ``i``
+  is tokens ``offsets[i]:offsets[i + 1]``, positions ``0..n_i - 1`` (right padding). Positions
+  are stored unshifted: position t holds the teacher's distribution there, which for a causal
+  LM predicts token t + 1; the token losses apply the next-token shift exactly as they do to
+  dense logits. Read back, a batch gets ``(B, L, k)`` tensors padded to its longest sequence;
+  padded positions hold a uniform top-k (finite; the losses drop them by the attention mask);
 - ``<split>/keys`` ``(rows,)`` uint64, for data modules whose batches carry no ``index``: a
   digest of each sample's input, so batches in any order find their rows.
 
 The header records the provenance (:class:`CacheProvenance`): the teacher's digests, what data
-and transforms the outputs were made from, and the storage kind, dtype, top-k, temperature and
-tail handling. ``granularity`` is ``"sample"``; a per-token cache for language models would
-store ``(tokens, k)`` rows with per-sequence offsets under ``granularity = "token"``.
+and transforms the outputs were made from, and the storage kind, dtype, top-k, temperature,
+tail handling and granularity (``"sample"`` or ``"token"``), plus ``stored_values``, which says
+in words what the values are (raw logits, or log-probabilities at the temperature).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +37,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_lightning.container import ArraySpec, as_tensor
+from kd_lightning.container import (
+    ArraySpec,
+    ContainerError,
+    ContainerWriter,
+    as_tensor,
+    to_numpy,
+)
+from kd_lightning.container import read_header as _read_container_header
 from kd_lightning.data.batch import TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 from kd_lightning.digest import module_digest
+from kd_lightning.functional.sparse_soft_target import topk_log_probs
 
 FORMAT = "kd_lightning.teacher_cache"
 FORMAT_VERSION = 2
 TAIL = "rest_mass"
 """Top-k tail handling: values are full-softmax log-probabilities; the rest's mass is implied."""
+GRANULARITIES = ("sample", "token")
+"""One output per sample (classification), or one per token (language models, top-k)."""
 
 #: Storage dtypes of the values: torch dtype written to the file.
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -79,6 +98,18 @@ class InvalidCacheFile(TeacherCacheError):
         super().__init__(f"{path}: " + "; ".join(reasons))
 
 
+def read_header(path: str | Path) -> dict[str, Any]:
+    """Read and check the structure of a teacher-cache file (not the payload checksums).
+
+    Raises:
+        InvalidCacheFile: missing, truncated, corrupt, not a teacher cache, or another version.
+    """
+    try:
+        return _read_container_header(path, FORMAT, FORMAT_VERSION)
+    except ContainerError as error:
+        raise InvalidCacheFile(Path(path), error.reasons) from None
+
+
 def compare_identity(header: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """One line per identity field whose value differs between a file's header and this run.
 
@@ -119,7 +150,7 @@ class CacheProvenance:
         num_classes: width of the teacher's output.
         views: augmented views stored per training sample.
         seed: seed of the views' augmentation parameters.
-        granularity: ``"sample"`` (one output per sample).
+        granularity: ``"sample"`` (one output per sample) or ``"token"`` (one per token).
         splits: the cached splits.
     """
 
@@ -176,6 +207,20 @@ class CacheProvenance:
                 f"rebuild the cache with temperature: {float(temperature):g}"
             )
 
+    def check_topk(self, topk: int | None, where: str = "the loss") -> None:
+        """Refuse a loss that expects another k than the top-k cache stores (``None``: any k).
+
+        Raises:
+            TeacherCacheError: naming both k and the two fixes.
+        """
+        if topk is None or self.kind != "topk" or self.topk is None or int(topk) == self.topk:
+            return
+        raise TeacherCacheError(
+            f"the teacher cache {self.path} stores the top-{self.topk} log-probabilities per "
+            f"{self.granularity}, but {where} expects topk={int(topk)}: set the loss's topk to "
+            f"{self.topk} (or leave it unset), or rebuild the cache with topk: {int(topk)}"
+        )
+
     def check_teacher(self, teacher: nn.Module | str) -> None:
         """Refuse a configured teacher other than the one the cache was made from.
 
@@ -197,6 +242,101 @@ class CacheProvenance:
                 "or rebuild the cache from this teacher (delete the file or point "
                 "teacher_cache.path elsewhere)"
             )
+
+
+def stored_values(topk: int | None, temperature: float) -> str:
+    """What the stored values are, in words, for the header (``stored_values``)."""
+    if not topk:
+        return "raw logits (any temperature applies)"
+    return (
+        f"log_softmax(logits / {temperature:g}) of the top-{topk} entries (log-probabilities at "
+        f"temperature {temperature:g} under the full softmax; the rest of the mass, 1 - "
+        "sum(exp(values)), is the tail bucket)"
+    )
+
+
+def array_layout(
+    expected: dict[str, Any],
+    classes: int,
+    dtype: str,
+    topk: int | None,
+    views_of: Callable[[str], int],
+    keys: bool,
+    lengths: dict[str, np.ndarray] | None = None,
+) -> dict[str, tuple]:
+    """``{array name: (shape, dtype)}`` of a cache file (see the module docstring).
+
+    Args:
+        expected: the run's identity (its ``data`` gives the splits and their rows).
+        classes: width of the teacher's output (vocabulary size per token).
+        dtype: storage dtype name of the values.
+        topk: k, or ``None`` for dense logits.
+        views_of: views stored per sample of a split.
+        keys: whether the splits get sample keys.
+        lengths: real tokens per sequence by split, for a per-token cache.
+    """
+    storage = STORAGE_DTYPES[dtype]
+    index_dtype = torch.int16 if classes <= np.iinfo(np.int16).max else torch.int32
+    k = min(topk, classes) if topk else None
+    arrays: dict[str, tuple] = {}
+    for split, data in expected["data"].items():
+        rows = data["rows"]
+        if lengths is not None:
+            tokens = int(lengths[split].sum())
+            arrays[f"{split}/values"] = ((tokens, k), storage)
+            arrays[f"{split}/indices"] = ((tokens, k), index_dtype)
+            arrays[f"{split}/offsets"] = ((rows + 1,), torch.int64)
+        elif k:
+            arrays[f"{split}/values"] = ((rows, views_of(split), k), storage)
+            arrays[f"{split}/indices"] = ((rows, views_of(split), k), index_dtype)
+        else:
+            arrays[f"{split}/logits"] = ((rows, views_of(split), classes), storage)
+        if keys:
+            arrays[f"{split}/keys"] = ((rows,), "<u8")
+    return arrays
+
+
+def write_outputs(
+    writer: ContainerWriter,
+    split: str,
+    rows: torch.Tensor,
+    place: tuple[int] | np.ndarray,
+    logits: torch.Tensor,
+    settings: tuple[str, int | None, float],
+) -> None:
+    """Store one teacher batch of ``split``: dense logits or their top-k log-probabilities.
+
+    Args:
+        writer: the open cache file.
+        split: the split the rows belong to.
+        rows: ``(B,)`` rows of the split.
+        place: ``(view,)`` per sample; per token, the split's offsets (``(rows + 1,)``).
+        logits: ``(B, C)`` per sample; per token, the real tokens' ``(n_1 + ... + n_B, V)`` in
+            sequence order.
+        settings: ``(dtype, topk, temperature)`` of the cache.
+
+    Raises:
+        TeacherCacheError: per token, a token count other than the first pass over the data.
+    """
+    dtype, topk, temperature = settings
+    storage = STORAGE_DTYPES[dtype]
+    rows = rows.cpu().numpy()
+    if isinstance(place, tuple):
+        where: Any = (rows, place[0])
+    else:
+        if len(logits) != int((place[rows + 1] - place[rows]).sum()):
+            raise TeacherCacheError(
+                f"the {split} sequences changed length between two passes over the data (a "
+                "per-token cache is sized by a first pass): make the data's batches deterministic"
+            )
+        where = np.concatenate([np.arange(place[r], place[r + 1]) for r in rows])
+    if not topk:
+        writer.array(f"{split}/logits")[where] = to_numpy(logits.to(storage))
+        return
+    values, indices = topk_log_probs(logits, topk, temperature)
+    writer.array(f"{split}/values")[where] = to_numpy(values.to(storage))
+    index_array = writer.array(f"{split}/indices")
+    index_array[where] = indices.cpu().numpy().astype(index_array.dtype)
 
 
 # ------------------------------------------------------------------------- sample keys
@@ -244,7 +384,8 @@ class SplitOutputs:
     Args:
         path: the cache file.
         arrays: ``{"logits": spec}`` (dense) or ``{"values": spec, "indices": spec}`` (top-k),
-            plus ``{"keys": spec}`` when the split has sample keys.
+            plus ``{"offsets": spec}`` per token and ``{"keys": spec}`` when the split has
+            sample keys.
         storage_dtype: name in :data:`STORAGE_DTYPES` of the values.
     """
 
@@ -252,8 +393,12 @@ class SplitOutputs:
         self.path, self.arrays, self.storage_dtype = path, arrays, storage_dtype
         self._maps: dict[str, np.ndarray] | None = None
         self._key_order: tuple[np.ndarray, np.ndarray] | None = None
-        first = arrays.get("logits") or arrays["values"]
-        self.rows, self.views = first.shape[0], first.shape[1]
+        self.per_token = "offsets" in arrays
+        if self.per_token:
+            self.rows, self.views = arrays["offsets"].shape[0] - 1, 1
+        else:
+            first = arrays.get("logits") or arrays["values"]
+            self.rows, self.views = first.shape[0], first.shape[1]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None, "_key_order": None}
@@ -273,16 +418,41 @@ class SplitOutputs:
     def _values(self, name: str, raw: np.ndarray) -> torch.Tensor:
         return as_tensor(raw, self.arrays[name]).float()
 
-    def lookup(self, indices: torch.Tensor, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Batch entries for samples ``indices`` (rows of the split) seen as ``views``."""
+    def lookup(
+        self, indices: torch.Tensor, views: torch.Tensor, length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Batch entries for samples ``indices`` (rows of the split) seen as ``views``.
+
+        Per token, the entries are ``(B, L, k)`` with L the longest of these sequences, or
+        ``length`` when that is larger (the batch's padded length).
+        """
         maps = self._open()
         rows, cols = indices.cpu().numpy(), views.cpu().numpy()
+        if self.per_token:
+            return self._token_lookup(maps, rows, length)
         if "logits" in self.arrays:
             return {TEACHER_LOGITS: self._values("logits", maps["logits"][rows, cols])}
         return {
             TEACHER_TOPK_VALUES: self._values("values", maps["values"][rows, cols]),
             TEACHER_TOPK_INDICES: torch.from_numpy(maps["indices"][rows, cols].astype(np.int64)),
         }
+
+    def _token_lookup(
+        self, maps: dict[str, np.ndarray], rows: np.ndarray, length: int | None
+    ) -> dict[str, torch.Tensor]:
+        starts, stops = maps["offsets"][rows], maps["offsets"][rows + 1]
+        lengths = torch.from_numpy((stops - starts).astype(np.int64))
+        k = self.arrays["values"].shape[-1]
+        longest = max(int(lengths.max()) if len(rows) else 0, length or 0)
+        # Padding is a uniform top-k over distinct indices: a finite distribution.
+        values = torch.full((len(rows), longest, k), -math.log(k))
+        indices = torch.arange(k).expand(len(rows), longest, k).clone()
+        real = torch.arange(longest) < lengths.unsqueeze(1)
+        if len(rows):
+            tokens = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+            values[real] = self._values("values", maps["values"][tokens])
+            indices[real] = torch.from_numpy(maps["indices"][tokens].astype(np.int64))
+        return {TEACHER_TOPK_VALUES: values, TEACHER_TOPK_INDICES: indices}
 
     def rows_of(self, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The rows whose stored sample keys equal the keys of ``inputs`` (batches without index).
@@ -314,8 +484,8 @@ class SplitOutputs:
         return torch.from_numpy(order[found].astype(np.int64))
 
     def lookup_inputs(
-        self, inputs: torch.Tensor | Mapping[str, torch.Tensor]
+        self, inputs: torch.Tensor | Mapping[str, torch.Tensor], length: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Batch entries for samples found by the content of their inputs (one view)."""
         rows = self.rows_of(inputs)
-        return self.lookup(rows, torch.zeros_like(rows))
+        return self.lookup(rows, torch.zeros_like(rows), length)

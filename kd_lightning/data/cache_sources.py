@@ -183,3 +183,51 @@ def chain(first: Batch | None, rest: Iterator[Batch]) -> Iterator[Batch]:
     if first is not None:
         yield first
     yield from rest
+
+
+def token_mask(inputs: Any) -> torch.Tensor:
+    """``(B, L)`` bool: the real tokens of a batch of token sequences (right padding only).
+
+    From ``attention_mask`` when the input has one, else every position of ``input_ids`` (or of
+    the input tensor) is real.
+
+    Raises:
+        TeacherCacheError: an input that is not token sequences, or left padding (a per-token
+            cache stores positions ``0..n-1`` of each sequence).
+    """
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        ids = inputs.get("input_ids")
+        reference = mask if mask is not None else ids
+    else:
+        mask, reference = None, inputs
+    if not isinstance(reference, torch.Tensor) or reference.dim() != 2:
+        raise TeacherCacheError(
+            "a per-token teacher cache needs batches of token sequences: an input tensor "
+            "(B, L), or a dict with input_ids (and attention_mask) of shape (B, L)"
+        )
+    if mask is None:
+        return torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
+    real = mask != 0
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise TeacherCacheError(
+            "the batches are left-padded (an attention_mask with 0 before 1): a per-token teacher "
+            "cache stores positions 0..n-1 of each sequence; pad on the right (the library's "
+            "text transfer sets do; for a Hugging Face tokenizer set padding_side='right')"
+        )
+    return real
+
+
+def sequence_lengths(
+    source: Any, datasets: dict[str, tuple[Any, Any]], size: int
+) -> dict[str, np.ndarray]:
+    """Real tokens per sequence, ``{split: (rows,) int64}``, read in one pass over the data.
+
+    A per-token cache sizes its arrays with these before the teacher runs.
+    """
+    lengths = {
+        split: np.zeros(len(dataset), dtype=np.int64) for split, (dataset, _) in datasets.items()
+    }
+    for split, inputs, rows, _ in dataset_batches(source, datasets, size, torch.device("cpu")):
+        lengths[split][rows.numpy()] = token_mask(inputs).sum(dim=1).numpy()
+    return lengths

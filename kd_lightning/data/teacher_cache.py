@@ -14,6 +14,12 @@ LightningDataModule, or a dict of DataLoaders / map-style datasets, whose batche
 ``(input, target)`` tuples (one output per sample, rows in dataset order, plus a content key
 per sample for batches that carry no ``index``).
 
+Language models (``granularity="token"``): the teacher's per-token ``(B, L, V)`` logits are
+stored as the top-k log-probabilities of every real token (``(tokens, k)`` values and indices,
+per-sequence offsets), the rest of each token's mass kept as one implied bucket (see
+:mod:`kd_lightning.functional.token_sparse` for why); batches get ``(B, L, k)`` entries for
+:class:`~kd_lightning.losses.SparseTokenDistillationLoss`.
+
 Augmentation-aware (unlike caches keyed by sample index only): with a random training
 augmentation the file stores ``views`` outputs per sample, view ``k`` of sample ``i`` being
 the image whose augmentation parameters are drawn from ``(seed, i, k)``
@@ -44,14 +50,13 @@ from kd_lightning.container import (
     ContainerError,
     ContainerWriter,
     array_specs,
-    to_numpy,
     verify_payload,
 )
-from kd_lightning.container import read_header as _read_container_header
 from kd_lightning.data.batch import normalise_batch
 from kd_lightning.data.cache_format import (
     FORMAT,
     FORMAT_VERSION,
+    GRANULARITIES,
     ON_MISMATCH,
     STORAGE_DTYPES,
     TAIL,
@@ -59,11 +64,14 @@ from kd_lightning.data.cache_format import (
     InvalidCacheFile,
     SplitOutputs,
     TeacherCacheError,
+    array_layout,
     compare_identity,
+    read_header,
     sample_keys,
+    stored_values,
+    write_outputs,
 )
 from kd_lightning.digest import file_digest, module_digest, tensor_digest
-from kd_lightning.functional.sparse_soft_target import topk_log_probs
 
 __all__ = [
     "PREAMBLE_SIZE",
@@ -76,18 +84,6 @@ __all__ = [
     "module_digest",
     "read_header",
 ]
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    """Read and check the structure of a teacher-cache file (not the payload checksums).
-
-    Raises:
-        InvalidCacheFile: missing, truncated, corrupt, not a teacher cache, or another version.
-    """
-    try:
-        return _read_container_header(path, FORMAT, FORMAT_VERSION)
-    except ContainerError as error:
-        raise InvalidCacheFile(Path(path), error.reasons) from None
 
 
 def _default_device() -> torch.device:
@@ -117,7 +113,11 @@ class TeacherCache:
         topk: store only the ``topk`` largest classes per sample (log-probabilities at
             ``temperature`` and class indices) instead of dense logits; use with
             :class:`~kd_lightning.losses.SparseSoftTargetKLLoss` at the same temperature.
-        temperature: temperature of the stored top-k log-probabilities (top-k only).
+        temperature: temperature of the stored top-k log-probabilities (top-k only). The
+            loss must read them at this temperature (checked at start-up).
+        granularity: ``"sample"``: one output per sample, ``(B, C)`` logits; ``"token"``: one
+            per token of a language model's ``(B, L, V)`` logits (needs ``topk``; data modules
+            of right-padded token sequences, e.g. :class:`~kd_lightning.data.CausalLMTransferSet`).
         views: augmented views stored per training sample (K). Training sample ``i`` in epoch
             ``e`` replays view ``(e + h(i)) mod K``. Needs a datamodule with a random training
             augmentation when > 1.
@@ -139,6 +139,7 @@ class TeacherCache:
         dtype: str = "float16",
         topk: int | None = None,
         temperature: float = 4.0,
+        granularity: str = "sample",
         views: int = 1,
         seed: int = 0,
         splits: Sequence[str] = ("train", "val", "test"),
@@ -155,6 +156,15 @@ class TeacherCache:
             raise ValueError(f"topk must be >= 1 (or None for dense logits), got {topk}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "token" and topk is None:
+            raise ValueError(
+                "a per-token teacher cache stores the top-k of each token: set topk (e.g. 64; "
+                "dense per-token logits would take tokens x vocabulary values)"
+            )
+        if granularity == "token" and views != 1:
+            raise ValueError(f"a per-token teacher cache stores one view (views: 1), got {views}")
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         if seed < 0:
@@ -175,6 +185,7 @@ class TeacherCache:
         self.dtype = dtype
         self.topk = topk
         self.temperature = float(temperature)
+        self.granularity = granularity
         self.views = views
         self.seed = seed
         self.splits = tuple(dict.fromkeys(splits))
@@ -188,7 +199,10 @@ class TeacherCache:
 
     def __repr__(self) -> str:
         kind = f"topk={self.topk}" if self.topk else "dense"
-        return f"TeacherCache({str(self.path)!r}, {kind}, dtype={self.dtype}, views={self.views})"
+        return (
+            f"TeacherCache({str(self.path)!r}, {kind}, per {self.granularity}, "
+            f"dtype={self.dtype}, views={self.views})"
+        )
 
     # ------------------------------------------------------------------ identity
     def teacher_available(self) -> bool:
@@ -206,6 +220,12 @@ class TeacherCache:
 
     def expected_identity(self, source: Any) -> dict[str, Any]:
         """What a valid file's header must say for this run and data ``source``."""
+        if cache_sources.is_tensor_source(source) and self.granularity == "token":
+            raise TeacherCacheError(
+                f"{type(source).__name__} holds tensors of samples; a per-token teacher cache "
+                "reads data modules of token sequences (e.g. kd_lightning.data."
+                "CausalLMTransferSet): use granularity: sample here"
+            )
         if cache_sources.is_tensor_source(source):
             data = {}
             for split in self.splits:
@@ -225,9 +245,14 @@ class TeacherCache:
             "topk": self.topk,
             "temperature": self.temperature if self.topk else None,
             "tail": TAIL if self.topk else None,
-            "granularity": "sample",
+            "granularity": self.granularity,
             "num_classes": getattr(source, "num_classes", None),
         }
+
+    @property
+    def settings(self) -> tuple[str, int | None, float]:
+        """``(dtype, topk, temperature)``: how outputs are stored."""
+        return self.dtype, self.topk, self.temperature
 
     def views_of(self, split: str) -> int:
         return self.views if split == "train" else 1
@@ -320,22 +345,6 @@ class TeacherCache:
             return teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         return PretrainedTeacher(self.teacher_checkpoint)
 
-    def _arrays(self, expected: dict[str, Any], classes: int, keys: bool) -> dict[str, tuple]:
-        storage = STORAGE_DTYPES[self.dtype]
-        arrays: dict[str, tuple] = {}
-        for split, data in expected["data"].items():
-            rows, views = data["rows"], self.views_of(split)
-            if self.topk:
-                k = min(self.topk, classes)
-                index_dtype = torch.int16 if classes <= np.iinfo(np.int16).max else torch.int32
-                arrays[f"{split}/values"] = ((rows, views, k), storage)
-                arrays[f"{split}/indices"] = ((rows, views, k), index_dtype)
-            else:
-                arrays[f"{split}/logits"] = ((rows, views, classes), storage)
-            if keys:
-                arrays[f"{split}/keys"] = ((rows,), "<u8")
-        return arrays
-
     def build(
         self,
         source: Any,
@@ -368,12 +377,18 @@ class TeacherCache:
             batches = cache_sources.dataset_batches(source, datasets, self.batch_size, device)
         total = sum(d["rows"] * self.views_of(s) for s, d in expected["data"].items())
         classes = expected["num_classes"]
+        lengths = offsets = None
+        if self.granularity == "token":  # the arrays' sizes: real tokens per sequence
+            lengths = cache_sources.sequence_lengths(source, datasets, self.batch_size)
+            offsets = {s: np.concatenate([[0], np.cumsum(n)]) for s, n in lengths.items()}
         first = None
         with torch.inference_mode():
             if classes is None:  # a data module that does not say: the teacher's output does
                 first = next(batches)
                 classes = self._teacher_logits(teacher, first[1], device, None).shape[-1]
-            arrays = self._arrays(expected, classes, keys=not tensor_source)
+            arrays = array_layout(
+                expected, classes, self.dtype, self.topk, self.views_of, not tensor_source, lengths
+            )
             with (
                 ContainerWriter(self.path, arrays, FORMAT, FORMAT_VERSION) as writer,
                 tqdm(
@@ -383,9 +398,14 @@ class TeacherCache:
                     disable=not self.progress,
                 ) as bar,
             ):
+                for split, starts in (offsets or {}).items():
+                    writer.write(f"{split}/offsets", torch.from_numpy(starts))
                 for split, inputs, rows, view in cache_sources.chain(first, batches):
                     logits = self._teacher_logits(teacher, inputs, device, classes)
-                    self._write(writer, split, rows, view, logits)
+                    place = (view,) if offsets is None else offsets[split]
+                    if offsets is not None:  # the real tokens of each sequence, in order
+                        logits = logits[cache_sources.token_mask(inputs).to(logits.device)]
+                    write_outputs(writer, split, rows, place, logits, self.settings)
                     if not tensor_source:
                         writer.array(f"{split}/keys")[rows.numpy()] = sample_keys(inputs)
                     bar.update(len(rows))
@@ -396,6 +416,7 @@ class TeacherCache:
                         **expected,
                         "num_classes": classes,
                         "teacher_module_digest": module_digest(teacher),
+                        "stored_values": stored_values(self.topk, self.temperature),
                         "teacher_source": self.teacher_checkpoint
                         or f"{type(self.teacher).__module__}.{type(self.teacher).__qualname__}",
                         "datamodule": f"{type(source).__module__}.{type(source).__qualname__}",
@@ -411,10 +432,16 @@ class TeacherCache:
         inputs = cache_sources.to_device(inputs, device)
         output = teacher(**inputs) if isinstance(inputs, Mapping) else teacher(inputs)
         logits = output_logits(output).float()
-        if logits.dim() != 2:
+        if self.granularity == "sample" and logits.dim() != 2:
             raise TeacherCacheError(
-                f"the teacher outputs logits of shape {tuple(logits.shape)}; the cache stores "
-                "one output per sample, (B, C): per-token (B, L, V) outputs cannot be cached yet"
+                f"the teacher outputs logits of shape {tuple(logits.shape)}; this cache stores "
+                "one output per sample, (B, C): for per-token (B, L, V) outputs of a language "
+                "model set granularity: token (and topk)"
+            )
+        if self.granularity == "token" and logits.dim() != 3:
+            raise TeacherCacheError(
+                f"the teacher outputs logits of shape {tuple(logits.shape)}; a per-token cache "
+                "needs (B, L, V) logits, one row per token: use granularity: sample"
             )
         if classes is not None and logits.shape[-1] != classes:
             raise TeacherCacheError(
@@ -422,19 +449,6 @@ class TeacherCache:
                 "classes: use a teacher trained on this data set"
             )
         return logits
-
-    def _write(
-        self, writer: ContainerWriter, split: str, rows: torch.Tensor, view: int, logits
-    ) -> None:
-        rows = rows.cpu().numpy()
-        storage = STORAGE_DTYPES[self.dtype]
-        if not self.topk:
-            writer.array(f"{split}/logits")[rows, view] = to_numpy(logits.to(storage))
-            return
-        values, indices = topk_log_probs(logits, self.topk, self.temperature)
-        writer.array(f"{split}/values")[rows, view] = to_numpy(values.to(storage))
-        index_array = writer.array(f"{split}/indices")
-        index_array[rows, view] = indices.cpu().numpy().astype(index_array.dtype)
 
     # ------------------------------------------------------------------ reading
     def outputs(self, header: dict[str, Any], split: str) -> SplitOutputs | None:
@@ -469,11 +483,13 @@ class TeacherCache:
                 f"{sorted(header['data'])}): add {split!r} to teacher_cache.splits"
             )
         batch = normalise_batch(batch)
+        length = cache_sources.token_mask(batch["input"]).shape[1] if reader.per_token else None
         if "index" in batch:
             index = batch["index"]
             views = batch.get("view")
-            found = reader.lookup(index, torch.zeros_like(index) if views is None else views)
+            views = torch.zeros_like(index) if views is None else views
+            found = reader.lookup(index, views, length)
         else:
-            found = reader.lookup_inputs(batch["input"])
+            found = reader.lookup_inputs(batch["input"], length)
         device = cache_sources.batch_device(batch)
         return {k: v.to(device) for k, v in found.items()}

@@ -352,6 +352,8 @@ class CausalLMTransferSet(_TextTransferSet):
         split_seed: seed of the document split and of the labeled subset.
         shuffle_seed: seed of the epoch-wise shuffling (default: the run's seed).
         train_vocab_size: train the tokenizer (see above) when its directory is missing.
+        teacher_cache: precomputed teacher outputs (:class:`~kd_lightning.data.TeacherCache`
+            with ``granularity: token`` and ``topk``), in every batch as ``(B, L, k)``.
     """
 
     def __init__(
@@ -371,6 +373,7 @@ class CausalLMTransferSet(_TextTransferSet):
         split_seed: int = 0,
         shuffle_seed: int | None = None,
         train_vocab_size: int | None = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
@@ -396,6 +399,7 @@ class CausalLMTransferSet(_TextTransferSet):
             labeled_fraction=labeled_fraction,
             split_seed=split_seed,
             shuffle_seed=shuffle_seed,
+            teacher_cache=teacher_cache,
         )
         self.block_size = block_size
 

@@ -107,7 +107,7 @@ def check_vocabulary(name: str, logits: torch.Tensor, vocab: int, crop_vocab: bo
 
 def check_teacher_cache(module: Any, provenance: Any) -> None:
     """Refuse a teacher cache made by another teacher than ``module``'s configured one, or top-k
-    values stored at another temperature than a loss term reads them at.
+    values stored at another temperature (or another k) than a loss term reads them at.
 
     Args:
         module: the method (its ``teacher`` source and objective).
@@ -125,9 +125,12 @@ def check_teacher_cache(module: Any, provenance: Any) -> None:
         return
     names = module.knowledge_names()
     for term in module.objective:
-        temperature = getattr(term.loss, "temperature", None)
-        if "teacher.topk" in term.keys("teacher", names) and temperature is not None:
-            provenance.check_temperature(temperature, where=f"loss term {term.name!r}")
+        if "teacher.topk" not in term.keys("teacher", names):
+            continue
+        temperature, where = getattr(term.loss, "temperature", None), f"loss term {term.name!r}"
+        if temperature is not None:
+            provenance.check_temperature(temperature, where=where)
+        provenance.check_topk(getattr(term.loss, "topk", None), where=where)
 
 
 def check_optimizer(module: Any) -> None:
