@@ -15,6 +15,8 @@ Layer spec syntax (one string per captured tensor)::
     "encoder:output.hidden"  key / attribute ``hidden`` of a dict or object output
     "head:input.x"           keyword argument ``x`` of ``head``'s forward
     ":input"                 input of the whole model (the empty path is the root module)
+    "lm_head:parameter.weight"  the module's own tensor ``weight`` (a parameter or buffer,
+                             read when the module runs; e.g. an output layer for a fused loss)
 
 Selectors after ``output`` / ``input`` are dot-separated and applied in order: an integer
 indexes a tuple/list, anything else is a mapping key or an attribute. When the selected value
@@ -81,7 +83,7 @@ class FeatureSpec:
     Args:
         spec: the string as written by the user (also the key in the captured features).
         path: module path in ``named_modules()`` of the unwrapped model ("" is the root).
-        kind: ``"output"`` or ``"input"``.
+        kind: ``"output"``, ``"input"`` or ``"parameter"``.
         selectors: element selectors applied in order (``int`` index or ``str`` key/attribute).
     """
 
@@ -100,11 +102,13 @@ class FeatureSpec:
         if not sep:
             return cls(spec=spec, path=path, kind="output")
         kind, _, selector_text = rest.strip().partition(".")
-        if kind not in ("output", "input"):
+        if kind not in ("output", "input", "parameter") or (
+            kind == "parameter" and not selector_text
+        ):
             raise ValueError(
-                f"invalid layer spec {spec!r}: after ':' expected 'output' or 'input', got "
-                f"{kind!r}. Valid forms: 'layer3', 'layer3:input', 'layer3:output.0', "
-                "'layer3:output.key'."
+                f"invalid layer spec {spec!r}: after ':' expected 'output', 'input' or "
+                f"'parameter.<name>', got {rest.strip()!r}. Valid forms: 'layer3', "
+                "'layer3:input', 'layer3:output.0', 'layer3:output.key', 'lm_head:parameter.weight'."
             )
         selectors: list[int | str] = []
         if selector_text:
@@ -330,12 +334,12 @@ class FeatureCapture:
     def _make_hook(self, spec: FeatureSpec):
         # The hook stores into the current step's dict; outside a `with` block there is none
         # (only a persistent hook of a compiled model runs then, and it stores nothing).
-        if spec.kind == "output":
+        if spec.kind != "input":
 
             def hook(module: nn.Module, args: tuple, output: Any) -> None:
                 store = self._features
                 if store is not None:
-                    store[spec.spec] = _select(output, spec)
+                    store[spec.spec] = _select(module if spec.kind == "parameter" else output, spec)
 
         else:
             # Integer selectors index the positional args, names the keyword args; without a
@@ -360,7 +364,7 @@ class FeatureCapture:
         try:
             for spec, module in zip(self.specs, self._modules, strict=True):
                 hook = self._make_hook(spec)
-                if spec.kind == "output":
+                if spec.kind != "input":
                     handle = module.register_forward_hook(hook)
                 else:
                     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
