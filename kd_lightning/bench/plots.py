@@ -4,7 +4,8 @@ Panels, left to right:
 
 1. **Per run**: test accuracy as bars (solid: last epoch, hatched: best-val epoch; error bars:
    std over seeds), coloured by job (teacher, baseline, distilled), with each Δ baseline drawn
-   as a labelled dotted line.
+   as a dotted line named just above the panel (never over a bar); the legend sits below the
+   x-axis label, outside the bars.
 2. **Learning curves**: validation accuracy per epoch, mean over seeds (line) and mean ± std
    (band), one curve per run.
 3. **Accuracy vs size** (when the students differ in size): last-epoch accuracy against the
@@ -78,6 +79,7 @@ def _baseline_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _bars(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
     from matplotlib.patches import Patch
+    from matplotlib.transforms import offset_copy
 
     ys = list(range(len(rows)))[::-1]
     bar = 0.38
@@ -104,6 +106,7 @@ def _bars(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
             capsize=2,
         )
     ax.set_yticks(ys, [r["run"] for r in rows])
+    ax.set_ylim(-0.6, len(rows) - 0.4)  # no empty band: the baseline labels stand above
     low = min(r["acc_last_mean"] - r["acc_last_std"] for r in rows)
     ax.set_xlim(max(0, low - 5), 100 if low > 50 else None)
     handles: list[Any] = [
@@ -118,7 +121,8 @@ def _bars(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
         handles.append(
             Patch(facecolor="white", edgecolor="black", hatch="//", label="best-val epoch")
         )
-    for row in _baseline_rows(rows):
+    baselines = _baseline_rows(rows)
+    for row in baselines:
         value = row["acc_last_mean"]
         handles.append(
             ax.axvline(
@@ -129,26 +133,60 @@ def _bars(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
                 label=f"baseline {row['run']}: {value:.2f}%",
             )
         )
-        ax.annotate(
-            row["run"],
-            (value, 1.0),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            va="top",
-            ha="right",
-            fontsize=7,
-            color=_colour(row),
-        )
+    ax.set_xlabel("test accuracy % (mean ± std over seeds)")
+    labels = _label_baselines(ax, baselines)
+    renderer = ax.figure.canvas.get_renderer()
+    # The baseline labels stand above the axes (never over a bar); the title goes above them.
+    above = max((_points(ax, t.get_window_extent(renderer).height) for t in labels), default=0)
+    ax.set_title(f"{title}: test accuracy per run", pad=6 + above)
+    # The legend goes below the x-axis label (an offset in points, whatever the panel's height).
+    axis = ax.xaxis.get_tightbbox(renderer)
+    below = _points(ax, ax.bbox.y0 - axis.y0) if axis is not None else 30.0
     ax.legend(
         handles=handles,
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.16),
+        bbox_to_anchor=(0.5, 0.0),
+        bbox_transform=offset_copy(ax.transAxes, fig=ax.figure, y=-(below + 4), units="points"),
         ncol=3,
         fontsize=7,
         frameon=False,
     )
-    ax.set_xlabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title(f"{title}: test accuracy per run")
+
+
+def _points(ax: Any, pixels: float) -> float:
+    return pixels * 72.0 / ax.figure.dpi
+
+
+def _label_baselines(ax: Any, baselines: list[dict[str, Any]]) -> list[Any]:
+    """Name each baseline line just above the axes, outside the bars; baselines closer than
+    1.5% of the x-range share one label (the legend gives each value)."""
+    low, high = ax.get_xlim()
+    close = 0.015 * (high - low)
+    groups: list[list[dict[str, Any]]] = []
+    for row in sorted(baselines, key=lambda r: r["acc_last_mean"]):
+        if groups and row["acc_last_mean"] - groups[-1][-1]["acc_last_mean"] < close:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    texts = []
+    for group in groups:
+        value = statistics.fmean(r["acc_last_mean"] for r in group)
+        texts.append(
+            ax.annotate(
+                ", ".join(r["run"] for r in group),
+                (value, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, 2),
+                textcoords="offset points",
+                rotation=90,
+                va="bottom",
+                ha="center",
+                fontsize=7,
+                color=_colour(group[0]),
+                annotation_clip=False,
+            )
+        )
+    return texts
 
 
 def _learning_curves(ax: Any, rows: list[dict[str, Any]], curves: Curves) -> None:
