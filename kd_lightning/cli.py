@@ -59,6 +59,7 @@ from kd_lightning.cli_errors import (
     run_with_clean_errors,
 )
 from kd_lightning.cli_run_files import (
+    RemoveRefusedRun,
     RunFolderConfig,
     install_default_checkpoint,
     prepare_fit,
@@ -335,6 +336,7 @@ class KDLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         overwrite = bool(self.config[self.subcommand].get("overwrite"))
         self.trainer.callbacks.insert(0, KeepFinishedCheckpoints(overwrite))  # before any output
+        self.trainer.callbacks.append(RemoveRefusedRun.before(self.trainer))  # refused: no folder
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's or a sharded writer
             strategy.checkpoint_io = AtomicCheckpointIO()

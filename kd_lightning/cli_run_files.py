@@ -10,6 +10,10 @@ Every fit writes into one folder per run, the folder Lightning's logger gives th
 * ``config.yaml``: the resolved config (:class:`RunFolderConfig`; Lightning's own callback
   writes into the logger's ``save_dir``, shared by every W&B run).
 
+A fit refused before its first optimizer step (a start-up check, a finished checkpoint it would
+replace) leaves no run folder behind (:class:`RemoveRefusedRun`), so a corrected rerun gets the
+same ``version_<N>`` instead of piling up folders that hold only a config.
+
 The checkpoint callback is the CLI's default (:func:`install_default_checkpoint`): a config that
 lists its own :class:`~lightning.pytorch.callbacks.ModelCheckpoint` writing elsewhere (the
 teacher configs keep a stable ``teacher.ckpt`` that distillation configs read) gets the default
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -100,6 +105,41 @@ class RunFolderConfig(SaveConfigCallback):
             self.save_config(trainer, pl_module, stage)
         self.config_path = path
         self.already_saved = trainer.strategy.broadcast(True)
+
+
+class RemoveRefusedRun(Callback):
+    """Remove the folders a fit created when it stops before its first optimizer step.
+
+    Built before the fit starts (:meth:`before`), when the run folder and the parents it needs
+    do not exist yet (Lightning's logger and :class:`RunFolderConfig` create them during
+    set-up, before the start-up checks). On an exception with ``global_step == 0`` and no
+    checkpoint inside, those folders (config, logs) are removed; a folder that existed before
+    the fit is never touched.
+
+    Args:
+        created: the folders the fit will create, deepest first.
+    """
+
+    def __init__(self, created: Sequence[Path]) -> None:
+        self.created = tuple(created)
+
+    @classmethod
+    def before(cls, trainer: L.Trainer) -> RemoveRefusedRun:
+        """The callback for ``trainer``'s run folder, called before ``fit`` starts."""
+        folder = run_folder(trainer).absolute()
+        return cls([p for p in (folder, *folder.parents) if not p.exists()])
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not (self.created and trainer.is_global_zero and trainer.global_step == 0):
+            return
+        run = self.created[0]
+        if run.is_dir() and not any(run.rglob("*.ckpt")):
+            shutil.rmtree(run, ignore_errors=True)
+            for parent in self.created[1:]:  # created by this fit too: removed when empty
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
 
 
 def default_checkpoint(model: Any) -> ModelCheckpoint:
