@@ -106,8 +106,8 @@ class FeatureSpec:
             kind == "parameter" and not selector_text
         ):
             raise ValueError(
-                f"invalid layer spec {spec!r}: after ':' expected 'output', 'input' or "
-                f"'parameter.<name>', got {rest.strip()!r}. Valid forms: 'layer3', "
+                f"invalid layer spec {spec!r}: after ':' expected 'output' or 'input' (or "
+                f"'parameter.<name>'), got {rest.strip()!r}. Valid forms: 'layer3', "
                 "'layer3:input', 'layer3:output.0', 'layer3:output.key', 'lm_head:parameter.weight'."
             )
         selectors: list[int | str] = []

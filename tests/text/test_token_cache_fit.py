@@ -126,3 +126,17 @@ def test_yaml_objective_selects_the_fused_output_layer_loss(
     assert len(fused_steps) == 6
     assert fused_steps == pytest.approx(plain_steps, rel=1e-5)  # the same loss, fused
     assert fused_steps[-1] < fused_steps[0]  # and its gradient trains the student
+
+
+def test_parameter_spec_captures_the_output_layer_weight_itself():
+    from kd_lightning.features import FeatureCapture, FeatureSpec
+
+    model = HFModel(model_type="gpt2", config=tiny_gpt2_config(30), task="causal-lm")
+    capture = FeatureCapture(model, ["lm_head:input", "lm_head:parameter.weight"])
+    with capture as features:
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    weight = features["lm_head:parameter.weight"]
+    assert weight is model.lm_head.weight  # the parameter itself: gradients reach it
+    torch.testing.assert_close(features["lm_head:input"] @ weight.T, logits)
+    with pytest.raises(ValueError, match=r"'parameter.<name>'"):
+        FeatureSpec.parse("lm_head:parameter")
