@@ -284,6 +284,9 @@ class SequenceKDTransferSet(CausalLMTransferSet):
         tokenizer, data_dir, texts, text_files, block_size, vocab_size, val_fraction,
         test_fraction, drop_duplicates, batch_size, num_workers, split_seed, shuffle_seed,
         train_vocab_size: as :class:`~kd_lightning.data.CausalLMTransferSet`.
+        train_blocks: generate for (and train on) this many training blocks only, a random
+            subset drawn with ``split_seed`` (the teacher's generation is the costly part;
+            a run of ``S`` steps of ``B`` blocks sees at most ``S * B`` of them); ``None``: all.
     """
 
     def __init__(
@@ -303,7 +306,12 @@ class SequenceKDTransferSet(CausalLMTransferSet):
         split_seed: int = 0,
         shuffle_seed: int | None = None,
         train_vocab_size: int | None = None,
+        train_blocks: int | None = None,
     ) -> None:
+        if train_blocks is not None and (isinstance(train_blocks, bool) or train_blocks < 1):
+            raise ValueError(
+                f"train_blocks must be a positive number or null, got {train_blocks!r}"
+            )
         if generations.prompt_length >= block_size:
             raise ValueError(
                 f"generations.prompt_length={generations.prompt_length} must be shorter than "
@@ -317,11 +325,17 @@ class SequenceKDTransferSet(CausalLMTransferSet):
             train_vocab_size=train_vocab_size,
         )  # fmt: skip
         self.generations = generations
+        self.train_blocks = train_blocks
 
     def training_prompts(self) -> torch.Tensor:
-        """``(N, P)``: the first ``prompt_length`` tokens of every training block."""
-        blocks = super().load_dataset("train")
-        return torch.stack([ids[: self.generations.prompt_length] for ids in blocks.input_ids])
+        """``(N, P)``: the first ``prompt_length`` tokens of every training block (of the
+        ``train_blocks`` subset, in a fixed random order, when it is set)."""
+        blocks = super().load_dataset("train").input_ids
+        if self.train_blocks is not None and self.train_blocks < len(blocks):
+            generator = torch.Generator().manual_seed(self.split_seed)
+            chosen = torch.randperm(len(blocks), generator=generator)[: self.train_blocks]
+            blocks = [blocks[i] for i in chosen.tolist()]
+        return torch.stack([ids[: self.generations.prompt_length] for ids in blocks])
 
     def _generated(self, may_build: bool) -> GeneratedSequences:
         sequences, mask = self.generations.ensure(

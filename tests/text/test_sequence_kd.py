@@ -110,3 +110,22 @@ def test_prompt_must_be_shorter_than_a_block(tokenizer_dir, text_corpus, tmp_pat
     with pytest.raises(ValueError, match="shorter than block_size"):
         SequenceKDTransferSet(generations, tokenizer=str(tokenizer_dir),
                               data_dir=str(text_corpus), block_size=8)  # fmt: skip
+
+
+def test_train_blocks_is_a_subset_of_the_training_blocks(text_corpus, tokenizer_dir, tmp_path):
+    from kd_lightning.data import CausalLMTransferSet, load_tokenizer
+
+    teacher = _teacher(len(load_tokenizer(tokenizer_dir)))
+    generations = TeacherGenerations(str(tmp_path / "g.kdl"), teacher=teacher, prompt_length=4,
+                                     max_new_tokens=2, progress=False)  # fmt: skip
+    data = SequenceKDTransferSet(generations, tokenizer=str(tokenizer_dir),
+                                 data_dir=str(text_corpus), block_size=8, train_blocks=5)  # fmt: skip
+    data.setup("fit")
+    plain = CausalLMTransferSet(tokenizer=str(tokenizer_dir), data_dir=str(text_corpus),
+                                block_size=8)  # fmt: skip
+    plain.setup("fit")
+    starts = {tuple(plain.dataset("train")[i]["input_ids"][:4].tolist())
+              for i in range(len(plain.dataset("train")))}  # fmt: skip
+    prompts = [tuple(data.dataset("train")[i]["input_ids"][:4].tolist()) for i in range(5)]
+    assert len(data.dataset("train")) == 5 and len(set(prompts)) == 5
+    assert set(prompts) <= starts
