@@ -96,6 +96,11 @@ def teacher_reference(seed: int) -> dict:
     return result
 
 
+def _mean(rows: list[dict], field: str, digits: int) -> str:
+    values = [float(r[field]) for r in rows if r[field] not in ("", None)]
+    return f"{statistics.mean(values):.{digits}f}" if values else ""
+
+
 def write(results: list[dict]) -> None:
     with (HERE / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -107,15 +112,9 @@ def write(results: list[dict]) -> None:
         rows = [r for r in results if r["run"] == name]
         if not rows:
             continue
-
-        def mean(field: str, digits: int = 2) -> str:
-            values = [float(r[field]) for r in rows if r[field] not in ("", None)]
-            return f"{statistics.mean(values):.{digits}f}" if values else ""
-
-        lines.append(f"| {label} | {len(rows)} | {mean('val_perplexity')} | "
-                     f"{mean('teacher_nll', 3)} | {mean('distinct_1', 3)} | "
-                     f"{mean('distinct_2', 3)} | {mean('on_policy_fraction')} | "
-                     f"{mean('cpu_s', 0)} |")  # fmt: skip
+        cells = [_mean(rows, f, d) for f, d in (("val_perplexity", 2), ("teacher_nll", 3),
+                 ("distinct_1", 3), ("distinct_2", 3), ("on_policy_fraction", 2), ("cpu_s", 0))]  # fmt: skip
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
 
 
