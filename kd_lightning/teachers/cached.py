@@ -1,7 +1,9 @@
 """``CachedTeacher``: replays teacher outputs stored once by the teacher cache.
 
 The transfer set attaches the stored outputs to each batch (dense ``teacher_logits``, or sparse
-``teacher_topk_values``/``teacher_topk_indices``). The cache's header records the temperature,
+``teacher_topk_values``/``teacher_topk_indices``: ``(B, k)`` per sample, ``(B, L, k)`` per token
+for language models). Dense logits become the ``teacher`` knowledge, the top-k pair
+``teacher.topk`` (``LossTerm(..., teacher="topk")``). The cache's header records the temperature,
 top-k and teacher digest it was built with; the method's start-up checks compare them with the
 loss terms and the configured teacher
 (:func:`~kd_lightning.methods.checks.check_teacher_cache`).
