@@ -45,7 +45,6 @@ PAPER = {
     "only78_shift": -7.6,
     "only78_after_pct": 13.2,
 }
-TEST_SIZE = 10_000
 DEFAULT_SHIFTS = tuple(round(-15 + 0.1 * i, 1) for i in range(301))
 """Bias shifts searched: -15 to 15 in steps of 0.1 (the paper's +3.5 and -7.6 are on it)."""
 
@@ -141,8 +140,18 @@ def split_logits(run_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(logits), torch.cat(targets)
 
 
-def _errors_per_seed(output_dir: Path, run: str) -> list[int]:
+def _errors_per_seed(output_dir: Path | None, run: str) -> list[int]:
+    if output_dir is None:
+        return []
     return [count_errors(*split_logits(d, "test")) for d in run_dirs(output_dir, run)]
+
+
+def _val_acc_per_seed(output_dir: Path | None, run: str) -> list[float]:
+    """The last epoch's validation accuracy (%) of each seed, as the study recorded it."""
+    if output_dir is None:
+        return []
+    results = [json.loads((d / "result.json").read_text()) for d in run_dirs(output_dir, run)]
+    return [round(100 * r["last_val_acc"], 2) for r in results if r.get("last_val_acc") is not None]
 
 
 def _omitted(run_dir: Path) -> list[int]:
@@ -189,40 +198,80 @@ def bias_shift_study(run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 1) -> str:
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.0f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{0 if isinstance(values[0], int) else digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _pct(errors: int, total: int = TEST_SIZE) -> str:
-    return f"{100 * errors / total:.1f}%"
+def _folder(path: str | None) -> Path | None:
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f}" if values else "n/a"
 
 
 # ------------------------------------------------------------------------ the tables
+MAIN_RUNS = ("student_alone", "kd_soft", "kd_soft_hard")
+FASHION_RUNS = ("student_alone", "kd_soft_hard")
+
+
 def collect(
-    mnist: Path, transfer: Path, fashion: Path | None, fashion_teacher: Path | None
+    mnist: Path,
+    teacher: Path,
+    temperature: Path | None = None,
+    fashion: Path | None = None,
+    fashion_teacher: Path | None = None,
 ) -> dict[str, Any]:
-    """Every figure of the report, as plain data (written to the CSV and JSON)."""
-    data: dict[str, Any] = {"main": {}, "temperature": {}, "fashion": {}}
-    data["main"]["teacher"] = _errors_per_seed(transfer, "teacher")
-    for run in ("student_alone", "kd_soft", "kd_soft_hard"):
-        data["main"][run] = _errors_per_seed(mnist, run)
+    """Every figure of the report, as plain data (written to the CSV and JSON).
+
+    ``main``/``fashion``: test errors per seed of each row; ``val``/``fashion_val``: their
+    validation accuracy (%); ``omit3``/``only78``: one :func:`bias_shift_study` per seed;
+    ``temperature``: width -> {``alone`` or T -> errors per seed}.
+    """
+    data: dict[str, Any] = {"main": {}, "val": {}, "temperature": {}, "fashion": {}}
+    data["fashion_val"], data["earlier"] = {}, {}
+    sources = [(teacher, "teacher")] + [(mnist, run) for run in MAIN_RUNS]
+    for folder, run in sources:
+        data["main"][run] = _errors_per_seed(folder, run)
+        data["val"][run] = _val_acc_per_seed(folder, run)
     for run in ("omit3", "only78"):
-        dirs = run_dirs(transfer, run)
-        data[run] = bias_shift_study(dirs[0]) if dirs else None
-    for width in (300, 30):
-        row = {"alone": _errors_per_seed(transfer, f"alone_{width}")}
-        for folder in sorted((Path(transfer) / "runs").glob(f"kd_{width}[[]T=*"), key=_temperature):
-            row[_temperature(folder)] = _errors_per_seed(transfer, folder.name)
-        data["temperature"][width] = row
-    if fashion is not None:
-        if fashion_teacher is not None:
-            data["fashion"]["teacher"] = _errors_per_seed(fashion_teacher, "teacher")
-        for run in ("student_alone", "kd_soft_hard"):
-            data["fashion"][run] = _errors_per_seed(fashion, run)
+        data[run] = [bias_shift_study(d) for d in run_dirs(mnist, run)]
+    for width in (300, 30) if temperature is not None else ():
+        row = {"alone": _errors_per_seed(temperature, f"alone_{width}")}
+        grid = (Path(temperature) / "runs").glob(f"kd_{width}[[]T=*")
+        for folder in sorted(grid, key=_temperature):
+            row[_temperature(folder)] = _errors_per_seed(temperature, folder.name)
+        if any(row.values()):
+            data["temperature"][width] = row
+    if fashion is not None or fashion_teacher is not None:
+        for folder, run in [(fashion_teacher, "teacher")] + [(fashion, r) for r in FASHION_RUNS]:
+            data["fashion"][run] = _errors_per_seed(folder, run)
+            data["fashion_val"][run] = _val_acc_per_seed(folder, run)
+    return data
+
+
+def carry_earlier(data: dict[str, Any], earlier: dict[str, Any], note: str) -> dict[str, Any]:
+    """Fill the rows ``data`` lacks (no finished run here) from an earlier report.
+
+    Each filled row is listed in ``data["earlier"]`` with ``note`` (or the note the earlier
+    report already gave it), so the tables can mark it as not re-measured.
+    """
+    notes = earlier.get("earlier", {})
+    for table in ("main", "fashion"):
+        for run, errors in (earlier.get(table) or {}).items():
+            if errors and not data[table].get(run):
+                data[table][run] = list(errors)
+                data["earlier"][f"{table}.{run}"] = notes.get(f"{table}.{run}", note)
+    if not data["temperature"] and earlier.get("temperature"):
+        for width, row in earlier["temperature"].items():
+            data["temperature"][int(width)] = {
+                (key if key == "alone" else float(key)): list(v) for key, v in row.items()
+            }
+        data["earlier"]["temperature"] = notes.get("temperature", note)
     return data
 
 
@@ -230,15 +279,58 @@ def _temperature(folder: Path) -> float:
     return float(folder.name.split("T=", 1)[1].rstrip("]"))
 
 
+def _mark(data: dict[str, Any], key: str) -> str:
+    return " †" if key in data.get("earlier", {}) else ""
+
+
+def _transfer_rows(data: dict[str, Any]) -> list[str]:
+    lines = []
+    omit3 = data.get("omit3") or []
+    if omit3:
+        count = omit3[0]["class_count"]
+        on3 = (
+            [r["errors_before_on_class"] for r in omit3],
+            [r["errors_after_on_class"] for r in omit3],
+        )
+        lines.append(
+            f"| no 3s: errors (on the {count} test 3s) | {len(omit3)} | "
+            f"{_mean_std([r['errors_before'] for r in omit3])} ({_mean(on3[0])}) | "
+            + ", ".join(f"{r['shift_val']:+.1f}" for r in omit3)
+            + f" | {_mean_std([r['errors_after'] for r in omit3])} ({_mean(on3[1])}) | "
+            + ", ".join(f"{r['shift_oracle']:+.1f}" for r in omit3)
+            + f" | {_mean_std([r['errors_oracle'] for r in omit3])} | "
+            f"{PAPER['omit3_before']} ({PAPER['omit3_before_on_3s']}) → "
+            f"{PAPER['omit3_shift']:+.1f} → {PAPER['omit3_after']} ({PAPER['omit3_after_on_3s']}) |"
+        )
+    only78 = data.get("only78") or []
+    if only78:
+        total = only78[0]["test_size"]
+
+        def pct(key: str) -> str:
+            values = [100 * r[key] / total for r in only78]
+            return _mean_std(values) + "%"
+
+        lines.append(
+            f"| 7s and 8s only: test error | {len(only78)} | {pct('errors_before')} | "
+            + ", ".join(f"{r['shift_val']:+.1f}" for r in only78)
+            + f" | {pct('errors_after')} | "
+            + ", ".join(f"{r['shift_oracle']:+.1f}" for r in only78)
+            + f" | {pct('errors_oracle')} | {PAPER['only78_before_pct']}% → "
+            f"{PAPER['only78_shift']:+.1f} → {PAPER['only78_after_pct']}% |"
+        )
+    return lines
+
+
 def format_markdown(data: dict[str, Any]) -> str:
-    main = data["main"]
+    main, val = data["main"], data.get("val", {})
     lines = [
         "## Hinton, Vinyals & Dean (2015), section 3, on real MNIST",
         "",
-        "Test errors out of 10,000 (mean ± std over seeds; one value: one seed).",
+        "Test errors out of 10,000 (mean ± std over seeds; one value: one seed); validation "
+        "accuracy of the last epoch on the 5,000 held-out training images.",
         "",
-        "| net | ours: test errors | seeds | paper: test errors |",
-        "|---|---:|---:|---:|",
+        "| net | ours: test errors | per seed | seeds | val acc % | paper: test errors |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     names = {
         "teacher": ("teacher 2x1200, dropout + max-norm + jitter", PAPER["teacher"]),
@@ -248,46 +340,35 @@ def format_markdown(data: dict[str, Any]) -> str:
     }
     for run, (label, paper) in names.items():
         errors = main.get(run) or []
-        lines.append(f"| {label} | {_mean_std(errors)} | {len(errors)} | {paper} |")
-    lines += ["", "### Reduced transfer sets (bias shift chosen on validation)", ""]
+        lines.append(
+            f"| {label}{_mark(data, f'main.{run}')} | {_mean_std(errors)} | "
+            f"{', '.join(map(str, errors))} | {len(errors)} | {_mean_std(val.get(run) or [], 2)} "
+            f"| {paper} |"
+        )
+    lines += ["", "### Reduced transfer sets (bias shift chosen on validation, per seed)", ""]
     lines += [
-        "| transfer set | before shift | shift (val) | after shift | oracle shift (test) | "
-        "after oracle shift | paper before | paper shift (test) | paper after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| transfer set | seeds | before shift | shift (val) | after shift | oracle shift (test) "
+        "| after oracle shift | paper: before → shift (test) → after |",
+        "|---|---:|---:|---|---:|---|---:|---|",
     ]
-    omit3 = data.get("omit3")
-    if omit3:
-        lines.append(
-            f"| no 3s: errors (on the {omit3['class_count']} test 3s) | "
-            f"{omit3['errors_before']} ({omit3['errors_before_on_class']}) | "
-            f"{omit3['shift_val']:+.1f} | {omit3['errors_after']} ({omit3['errors_after_on_class']}) "
-            f"| {omit3['shift_oracle']:+.1f} | {omit3['errors_oracle']} | "
-            f"{PAPER['omit3_before']} ({PAPER['omit3_before_on_3s']}) | {PAPER['omit3_shift']:+.1f} | "
-            f"{PAPER['omit3_after']} ({PAPER['omit3_after_on_3s']}) |"
-        )
-    only78 = data.get("only78")
-    if only78:
-        total = only78["test_size"]
-        lines.append(
-            f"| 7s and 8s only: test error | {_pct(only78['errors_before'], total)} | "
-            f"{only78['shift_val']:+.1f} | {_pct(only78['errors_after'], total)} | "
-            f"{only78['shift_oracle']:+.1f} | {_pct(only78['errors_oracle'], total)} | "
-            f"{PAPER['only78_before_pct']}% | {PAPER['only78_shift']:+.1f} | "
-            f"{PAPER['only78_after_pct']}% |"
-        )
+    lines += _transfer_rows(data)
     temps = data["temperature"]
     grid = sorted({t for row in temps.values() for t in row if t != "alone"})
     if grid:
-        lines += ["", "### Temperature (soft + hard labels), test errors, one seed", ""]
+        mark = _mark(data, "temperature")
+        lines += ["", f"### Temperature (soft + hard labels), test errors, one seed{mark}", ""]
         lines.append("| hidden units | alone | " + " | ".join(f"T={t:g}" for t in grid) + " |")
         lines.append("|---|---:|" + "---:|" * len(grid))
         for width, row in temps.items():
             cells = [_mean_std(row.get(t) or []) for t in grid]
             lines.append(f"| 2x{width} | {_mean_std(row['alone'])} | " + " | ".join(cells) + " |")
-    fashion = data["fashion"]
+    fashion, fashion_val = data["fashion"], data.get("fashion_val", {})
     if fashion:
-        lines += ["", "### Fashion-MNIST (same nets and recipe), test errors out of 10,000", ""]
-        lines += ["| net | test errors | test accuracy % | seeds |", "|---|---:|---:|---:|"]
+        lines += ["", "### Fashion-MNIST, test errors out of 10,000", ""]
+        lines += [
+            "| net | test errors | per seed | test accuracy % | seeds | val acc % |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
         for run, label in (
             ("teacher", "teacher 2x1200"),
             ("student_alone", "small net 2x800 alone"),
@@ -295,23 +376,28 @@ def format_markdown(data: dict[str, Any]) -> str:
         ):
             errors = fashion.get(run) or []
             accuracy = [100 - e / 100 for e in errors]
-            acc = (
-                f"{statistics.mean(accuracy):.2f}"
-                + (f" ± {statistics.stdev(accuracy):.2f}" if len(accuracy) > 1 else "")
-                if accuracy
-                else "n/a"
+            lines.append(
+                f"| {label}{_mark(data, f'fashion.{run}')} | {_mean_std(errors)} | "
+                f"{', '.join(map(str, errors))} | {_mean_std(accuracy, 2)} | {len(errors)} | "
+                f"{_mean_std(fashion_val.get(run) or [], 2)} |"
             )
-            lines.append(f"| {label} | {_mean_std(errors)} | {acc} | {len(errors)} |")
+    if data.get("earlier"):
+        lines += [""] + [
+            f"† not re-measured here ({key}): {note}" for key, note in data["earlier"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(data: dict[str, Any], path: Path) -> None:
     rows = []
-    for run, errors in data["main"].items():
-        rows.append({"table": "mnist", "row": run, "seeds": len(errors), "errors": errors})
+    for table, values in (("mnist", data["main"]), ("fashion_mnist", data["fashion"])):
+        for run, errors in values.items():
+            rows.append({"table": table, "row": run, "seeds": len(errors), "errors": errors})
     for run in ("omit3", "only78"):
         if data.get(run):
-            rows.append({"table": "transfer", "row": run, "seeds": 1, "errors": data[run]})
+            rows.append(
+                {"table": "transfer", "row": run, "seeds": len(data[run]), "errors": data[run]}
+            )
     for width, row in data["temperature"].items():
         for t, errors in row.items():
             rows.append(
@@ -322,17 +408,19 @@ def write_csv(data: dict[str, Any], path: Path) -> None:
                     "errors": errors,
                 }
             )
-    for run, errors in data["fashion"].items():
-        rows.append({"table": "fashion_mnist", "row": run, "seeds": len(errors), "errors": errors})
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["table", "row", "seeds", "errors"])
+        writer = csv.DictWriter(handle, fieldnames=["table", "row", "seeds", "errors", "earlier"])
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "errors": json.dumps(row["errors"])})
+            key = f"{'main' if row['table'] == 'mnist' else 'fashion'}.{row['row']}"
+            if row["table"].startswith("temperature"):
+                key = "temperature"
+            note = data.get("earlier", {}).get(key, "")
+            writer.writerow({**row, "errors": json.dumps(row["errors"]), "earlier": note})
 
 
 def plot(data: dict[str, Any], path: Path) -> Path | None:
-    """Left: ours vs the paper's test errors; right: errors against T for 2x300 and 2x30."""
+    """Left: ours (mean, std bars) vs the paper's test errors; right: errors against T."""
     try:
         import matplotlib
 
@@ -344,9 +432,11 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
     labels = ["teacher", "alone", "soft T=20", "soft+hard"]
     runs = ["teacher", "student_alone", "kd_soft", "kd_soft_hard"]
     paper = [PAPER["teacher"], PAPER["student_alone"], PAPER["distilled"], PAPER["distilled"]]
-    ours = [statistics.mean(data["main"][r]) if data["main"].get(r) else math.nan for r in runs]
+    values = [data["main"].get(r) or [] for r in runs]
+    ours = [statistics.mean(v) if v else math.nan for v in values]
+    spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
     x = range(len(runs))
-    left.bar([i - 0.2 for i in x], ours, width=0.4, label="ours")
+    left.bar([i - 0.2 for i in x], ours, width=0.4, yerr=spread, capsize=3, label="ours")
     left.bar([i + 0.2 for i in x], paper, width=0.4, label="paper")
     left.set_xticks(list(x), labels)
     left.set_ylabel("MNIST test errors / 10,000")
@@ -362,6 +452,8 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
     right.set_xscale("log")
     right.set_xlabel("temperature T (dashed: the net alone)")
     right.set_ylabel("test errors / 10,000")
+    if "temperature" in data.get("earlier", {}):
+        right.set_title("earlier teacher (not re-measured)", fontsize=9)
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -375,18 +467,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="The Hinton et al. (2015) section 3 tables from finished MNIST studies.",
     )
     parser.add_argument("--mnist", default="results/mnist-hinton2015", help="study.yaml's output")
-    parser.add_argument(
-        "--transfer",
-        default="results/mnist-hinton2015-transfer",
-        help="study_transfer.yaml's output",
-    )
+    parser.add_argument("--teacher", default="results/mnist-hinton2015-teacher")
+    parser.add_argument("--temperature", default="results/mnist-hinton2015-temperature")
     parser.add_argument("--fashion", default="results/fashion-mnist")
     parser.add_argument("--fashion-teacher", default="results/fashion-mnist-teacher")
+    parser.add_argument(
+        "--earlier",
+        help="an earlier hinton2015.json: rows without a finished run here are taken from it, "
+        "marked † with --earlier-note",
+    )
+    parser.add_argument("--earlier-note", default="from an earlier report")
     parser.add_argument("--out", default="experiments/mnist/results", help="folder of the tables")
     args = parser.parse_args(argv)
-    fashion = Path(args.fashion) if Path(args.fashion).is_dir() else None
-    teacher = Path(args.fashion_teacher) if Path(args.fashion_teacher).is_dir() else None
-    data = collect(Path(args.mnist), Path(args.transfer), fashion, teacher)
+    folders = [args.temperature, args.fashion, args.fashion_teacher]
+    data = collect(Path(args.mnist), Path(args.teacher), *(_folder(f) for f in folders))
+    if args.earlier:
+        data = carry_earlier(data, json.loads(Path(args.earlier).read_text()), args.earlier_note)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = format_markdown(data)

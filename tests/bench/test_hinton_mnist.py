@@ -57,6 +57,7 @@ def test_shift_leaves_other_classes_and_the_input_unchanged():
 def test_docs_quote_the_committed_report():
     """docs/mnist.md's error counts are those of experiments/mnist/results/hinton2015.json."""
     import json
+    import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
@@ -69,13 +70,60 @@ def test_docs_quote_the_committed_report():
                 assert f"| {mean} | {', '.join(map(str, errors))} |" in doc, (table, errors)
             else:
                 assert f"| {errors[0]} | {errors[0]} (seed 0 only) |" in doc, (table, errors)
+
+    def mean(rows, key, scale=1.0):
+        return f"{statistics.mean(scale * r[key] for r in rows):.1f}"
+
     omit3, only78 = data["omit3"], data["only78"]
-    assert f"{omit3['errors_before']} ({omit3['errors_before_on_class']})" in doc
-    assert f"**{omit3['errors_after']} ({omit3['errors_after_on_class']})**" in doc
-    size = only78["test_size"]
+    before = f"{mean(omit3, 'errors_before')} ({mean(omit3, 'errors_before_on_class')})"
+    after = f"**{mean(omit3, 'errors_after')} ({mean(omit3, 'errors_after_on_class')})**"
+    assert before in doc and after in doc
+    assert ", ".join(f"{r['shift_val']:+.1f}" for r in omit3) in doc
+    scale = 100 / only78[0]["test_size"]
     for key in ("errors_before", "errors_after"):
-        assert f"{100 * only78[key] / size:.1f}%" in doc
+        assert f"{mean(only78, key, scale)}%" in doc
+    assert ", ".join(f"{r['shift_val']:+.1f}" for r in only78) in doc
     for width, row in data["temperature"].items():
         temps = sorted((k for k in row if k != "alone"), key=float)
         cells = [row["alone"][0]] + [row[t][0] for t in temps]
         assert f"| 2x{width} | " + " | ".join(map(str, cells)) + " |" in doc
+
+
+def test_earlier_rows_fill_only_the_missing_ones_and_are_marked():
+    from kd_lightning.bench.hinton_mnist import carry_earlier, format_markdown
+
+    data = {"main": {"teacher": [90], "student_alone": []}, "fashion": {}, "temperature": {}}
+    data["earlier"] = {}
+    earlier = {
+        "main": {"teacher": [116], "student_alone": [146, 147, 155]},
+        "temperature": {"300": {"alone": [181], "20.0": [147]}},
+    }
+    carry_earlier(data, earlier, "commit abc")
+    assert data["main"] == {"teacher": [90], "student_alone": [146, 147, 155]}
+    assert data["temperature"] == {300: {"alone": [181], 20.0: [147]}}
+    assert data["earlier"] == {"main.student_alone": "commit abc", "temperature": "commit abc"}
+    text = format_markdown(data)
+    # mean of 146, 147, 155 = 149.33; sample std = sqrt(((-3.33)^2 + (-2.33)^2 + 5.67^2) / 2) = 4.93
+    assert "| small net 2x800 alone † | 149.3 ± 4.9 | 146, 147, 155 | 3 |" in text
+    assert "| teacher 2x1200, dropout + max-norm + jitter | 90 | 90 | 1 |" in text
+    assert (
+        "| 2x300 | 181 | 147 |" in text and "not re-measured here (temperature): commit abc" in text
+    )
+
+
+def test_reduced_transfer_rows_average_the_seeds():
+    from kd_lightning.bench.hinton_mnist import format_markdown
+
+    def seed(before, after, on3_before, on3_after, shift):
+        return {
+            "class_count": 1010, "errors_before": before, "errors_after": after,
+            "errors_before_on_class": on3_before, "errors_after_on_class": on3_after,
+            "shift_val": shift, "shift_oracle": shift, "errors_oracle": after,
+        }  # fmt: skip
+
+    data = {"main": {}, "fashion": {}, "temperature": {}}
+    data["omit3"] = [seed(180, 150, 70, 20, 1.4), seed(190, 160, 80, 30, 2.0)]
+    text = format_markdown(data)
+    # before: mean 185, std |180 - 190| / sqrt(2) = 7.07; on 3s: (70 + 80) / 2 = 75
+    assert "| no 3s: errors (on the 1010 test 3s) | 2 | 185.0 ± 7.1 (75.0) | +1.4, +2.0 |" in text
+    assert "| 155.0 ± 7.1 (25.0) |" in text

@@ -74,34 +74,42 @@ def _teacher(output: Path, study_file: str) -> Path:
     return Path(result["checkpoint"])
 
 
-TRANSFER = "experiments/mnist/study_transfer.yaml"
+TEACHER = "experiments/mnist/study_teacher.yaml"
+MAIN = "experiments/mnist/study.yaml"
+OMITTED = {"omit3": [3], "only78": [0, 1, 2, 3, 4, 5, 6, 9]}
 
 
 @needs_mnist
-@pytest.mark.parametrize(
-    "run", ["teacher", "omit3", "only78", "alone_300", "kd_300[T=20.0]", "alone_30", "kd_30[T=2.5]"]
-)
-def test_mnist_transfer_study_rows_run_one_epoch(run, output):
-    result, config = _slice(TRANSFER, run, output)
+def test_mnist_teacher_row_runs_one_epoch_with_the_papers_regularisers(output):
+    result, config = _slice(TEACHER, "teacher", output)
     assert 0.0 <= result["test_acc"] <= 1.0
     data, model = config["data"]["init_args"], config["model"]["init_args"]
-    omitted = {"omit3": [3], "only78": [0, 1, 2, 3, 4, 5, 6, 9]}.get(run)
-    assert data.get("omit_classes") == omitted
-    if run == "teacher":
-        assert data["jitter"] == 2 and model["model"]["init_args"]["max_norm"] == 3.5
-    if "[T=" in run:
-        temperature = float(run.split("T=")[1].rstrip("]"))
-        assert (
-            model["loss_terms"][0]["init_args"]["loss"]["init_args"]["temperature"] == temperature
-        )
+    assert data["jitter"] == 2
+    expected = {"hidden_sizes": [1200, 1200], "input_dropout": 0.2, "dropout": 0.5, "max_norm": 3.5}
+    assert {key: model["model"]["init_args"][key] for key in expected} == expected
+    assert model["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert model["optimizer"]["init_args"]["momentum"] == 0.9
 
 
 @needs_mnist
-@pytest.mark.parametrize("run", ["student_alone", "kd_soft", "kd_soft_hard"])
+@pytest.mark.parametrize("run", ["student_alone", "kd_soft", "kd_soft_hard", "omit3", "only78"])
 def test_mnist_study_rows_run_one_epoch(run, output):
-    teacher = _teacher(output, TRANSFER)
-    result, _ = _slice("experiments/mnist/study.yaml", run, output, teacher)
+    teacher = _teacher(output, TEACHER)
+    result, config = _slice(MAIN, run, output, teacher)
     assert 0.0 <= result["test_acc"] <= 1.0
+    assert config["data"]["init_args"].get("omit_classes") == OMITTED.get(run)
+
+
+@needs_mnist
+@pytest.mark.parametrize("run", ["alone_300", "kd_300[T=20.0]", "alone_30", "kd_30[T=2.5]"])
+def test_mnist_temperature_rows_run_one_epoch(run, output):
+    teacher = _teacher(output, TEACHER)
+    result, config = _slice("experiments/mnist/study_temperature.yaml", run, output, teacher)
+    assert 0.0 <= result["test_acc"] <= 1.0
+    if "[T=" in run:
+        temperature = float(run.split("T=")[1].rstrip("]"))
+        loss = config["model"]["init_args"]["loss_terms"][0]["init_args"]["loss"]
+        assert loss["init_args"]["temperature"] == temperature
 
 
 @needs_fashion
@@ -117,7 +125,7 @@ def test_bias_shift_report_reads_a_finished_row(output):
     from kd_lightning.bench.hinton_mnist import bias_shift_study
     from kd_lightning.data.idx import read_idx
 
-    result, _ = _slice(TRANSFER, "omit3", output)  # done by the test above: reused
+    result, _ = _slice(MAIN, "omit3", output, _teacher(output, TEACHER))  # reused
     report = bias_shift_study(Path(result["checkpoint"]).parent)
     assert report["omitted"] == [3] and report["classes"] == [3]
     # the report's own pass over the test split agrees with the study's evaluation
