@@ -2,10 +2,10 @@
 
 - A tiny GPT-2 student distilled from a per-token top-k teacher cache (``teacher: null``): the
   cache is built from the teacher checkpoint by ``prepare_data`` and is the only teacher.
-- The fused output-layer loss selected by a YAML objective: the student's final hidden states
-  (``lm_head:input``) and output weight (``lm_head:parameter.weight``) reach
-  FusedLinearTokenDistillationLoss, which logs the same value, step by step, as the dense
-  token loss on the student's logits.
+- The fused output-layer loss selected by a YAML objective: the final hidden states
+  (``lm_head:input``) and output weights (``lm_head:parameter.weight``) of student and teacher
+  reach FusedLinearTokenDistillationLoss, which logs the same value, step by step, as the
+  dense token loss on the two models' logits.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def test_yaml_objective_selects_the_fused_output_layer_loss(
     monkeypatch.chdir(tmp_path)
     args = {"objective": "jsd", "beta": 0.3, "temperature": 2.0}
     fused = _term("fused", "FusedLinearTokenDistillationLoss", args,
-                  student=["lm_head:input", "lm_head:parameter.weight"], teacher="logits")  # fmt: skip
+                  student=["lm_head:input", "lm_head:parameter.weight"],
+                  teacher=["lm_head:input", "lm_head:parameter.weight"])  # fmt: skip
     plain = _term("plain", "TokenDistillationLoss", args, weight=0.0)  # logged, not trained on
     teacher = {"class_path": "kd_lightning.teachers.PretrainedTeacher",
                "init_args": {"checkpoint_path": str(gpt2_teacher_checkpoint)}}  # fmt: skip
