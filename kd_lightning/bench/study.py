@@ -224,6 +224,9 @@ def run_study(
     runs = study.select(only)
     say = print if echo else (lambda *a, **k: None)
     plan = plan_study(study, runs, overrides)
+    # The agreement reference (the study's teacher) is looked up among all the study's runs, so
+    # `--only student` still fills agreement from a teacher that finished earlier.
+    every_run = plan if not only else plan_study(study, study.ordered_runs(), overrides)
     total = len(plan)
     if dry_run:
         for position, item in enumerate(plan, start=1):
@@ -293,11 +296,13 @@ def run_study(
         reference = None
         if source is not None:
             reference_dir = next(
-                (p.run_dir for p in plan if p.run.name == source and p.seed == seed), None
+                (p.run_dir for p in every_run if p.run.name == source and p.seed == seed), None
             )
             if reference_dir is not None and (reference_dir / CHECKPOINT_NAME).is_file():
                 reference = load_student(reference_dir / CHECKPOINT_NAME)
             else:
+                say(f"{prefix}: no finished {source!r} (seed {seed}): agreement left empty; "
+                    f"run it (e.g. --only {source} {run.name}) to fill it", flush=True)
                 source = None
         student = module.student
         best_student = snapshot.best_student(student)

@@ -269,3 +269,13 @@ def test_wandb_that_cannot_start_degrades_to_csv(tmp_path, monkeypatch):
         metrics = Path(result["checkpoint"]).parent / "logs" / "metrics.csv"
         assert metrics.is_file()
     assert json.loads(Path(results[0]["checkpoint"]).with_name("result.json").read_text())
+
+
+def test_only_a_student_still_fills_agreement_from_the_finished_teacher(tmp_path, capsys):
+    path = _study_file(tmp_path)
+    run_study(path, overrides=TINY, only=["teacher"], echo=False)
+    results = run_study(path, overrides=TINY, only=["student_alone"], echo=True)
+    alone = next(r for r in results if r["run"] == "student_alone")
+    # The teacher was not selected, but it finished earlier: its agreement is measured.
+    assert alone["agreement_with"] == "teacher" and 0 <= alone["agreement"] <= 1
+    assert "agreement left empty" not in capsys.readouterr().out
