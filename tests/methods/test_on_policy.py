@@ -210,3 +210,50 @@ def test_resume_mid_epoch_is_bitwise_the_unbroken_run(tmp_path):
     assert [k for k, v in straight.state_dict().items() if not torch.equal(v, theirs[k])] == []
     fresh = _method(lmbda=0.5)
     assert not torch.equal(fresh.student.lm_head.weight, straight.student.lm_head.weight)
+
+
+def test_bf16_mixed_precision_generates_and_trains():
+    L.seed_everything(0, verbose=False)
+    method = _method(lmbda=1.0)
+    before = method.student.lm_head.weight.detach().clone()
+    trainer = L.Trainer(max_steps=2, precision="bf16-mixed", logger=False, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(method, train_dataloaders=_ResumableBatches([_batch(0), _batch(1)]))
+    assert trainer.callback_metrics["train/on_policy"] == 1.0
+    weight = method.student.lm_head.weight
+    assert torch.isfinite(weight).all() and not torch.equal(weight, before)
+
+
+class _RecordingOnPolicy(OnPolicyDistillation):
+    """Saves each rank's training samples and final student weights (spawned processes)."""
+
+    def student_samples(self, batch, key, temperature, max_new_tokens=None):
+        samples = super().student_samples(batch, key, temperature, max_new_tokens)
+        if key[0] == "train":
+            self.__dict__.setdefault("recorded", []).append(samples["input"]["input_ids"])
+        return samples
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        record = {"samples": self.__dict__.get("recorded", []),
+                  "weight": self.student.lm_head.weight.detach().clone()}  # fmt: skip
+        torch.save(record, f"rank{self.global_rank}.pt")  # in the test's working folder
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_sample_their_own_continuations_and_stay_in_sync(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    L.seed_everything(0, verbose=False)
+    method = _RecordingOnPolicy(_gpt2(0), _gpt2(1, layers=2), lmbda=1.0, prompt_length=4,
+                                max_new_tokens=5, num_classes=VOCAB, seed=0)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(method, train_dataloaders=torch.utils.data.DataLoader(
+        [_batch(0), _batch(0), _batch(1), _batch(1)], batch_size=None))  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) == 2
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])  # gradients were all-reduced
+    # Each rank's prompts are the same here, its samples its own (the rank seeds the noise).
+    assert not torch.equal(ranks[0]["samples"][0], ranks[1]["samples"][0])
