@@ -296,11 +296,20 @@ class KDLightningCLI(LightningCLI):
         checkpoint, self._evaluated = getattr(self, "_evaluated", None), None
         hparams = dict(checkpoint.get("hyper_parameters") or {}) if checkpoint else {}
         hparams.pop("_instantiator", None)
-        if not hparams or "_class_path" in hparams:
+        if not hparams:
             super()._parse_ckpt_path()
             return
         subcommand = self.config.subcommand
-        model = {"class_path": self.config[subcommand].model.class_path, "init_args": hparams}
+        class_path = hparams.pop("_class_path", None)
+        method = class_path or self.config[subcommand].model.class_path
+        init_specs = (checkpoint.get("kd_lightning") or {}).get("init_specs") or {}
+        if "loss_terms" in init_specs:  # objective-only arguments recorded beside loss terms
+            for name in getattr(_import_class(method), "objective_args", ()):
+                hparams.pop(name, None)  # (by earlier versions) never acted: left out
+        if class_path is not None:  # written through LightningCLI: as Lightning merges it
+            model = {"class_path": class_path, "dict_kwargs": hparams}
+        else:
+            model = {"class_path": method, "init_args": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:

@@ -133,6 +133,9 @@ class StudentArtifactCheckpoints:
         args = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items()
                 if not k.startswith("_")}  # fmt: skip
         args.update({k: instantiate(v) for k, v in record.get("init_specs", {}).items()})
+        if "loss_terms" in record.get("init_specs", {}):  # recorded before these were refused
+            for name in getattr(cls, "objective_args", ()):  # beside loss_terms: never acted
+                args.pop(name, None)
         for name in cls.teacher_args:
             args.setdefault(name, None)
         unrecorded = {k: v for k, v in record.get("unrecorded", {}).items() if k not in kwargs}

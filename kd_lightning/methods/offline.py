@@ -20,6 +20,7 @@ from torch import nn
 
 from kd_lightning.losses import HardLabelCrossEntropy, SoftTargetKLLoss
 from kd_lightning.methods.base import DistillationModule, default_optimizer
+from kd_lightning.methods.own_knowledge import refuse_ignored
 from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import FrozenTeacher, TeacherEnsemble
 from kd_lightning.validation import fraction, positive
@@ -58,14 +59,19 @@ class OfflineDistillation(DistillationModule):
         loss_terms: the objective; default: ``temperature``/``alpha`` Hinton terms.
         teachers: several teachers, combined with the mean of their logits (use
             ``teacher: TeacherEnsemble`` for weighting and purification).
-        temperature: temperature of the default soft-target term.
-        alpha: weight of the default soft-target term (``1 - alpha`` on the hard labels).
+        temperature: temperature of the default soft-target term (unset: 4.0). Only for the
+            default objective: refused beside ``loss_terms`` (set it on your terms).
+        alpha: weight of the default soft-target term (``1 - alpha`` on the hard labels;
+            unset: 0.9). Only for the default objective, like ``temperature``.
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory (sees student, connectors and learnable loss parts only).
         lr_scheduler: scheduler factory.
     """
 
     hparams_ignore = ("teachers",)
+    objective_args: tuple[str, ...] = ("temperature", "alpha")
+    """Arguments that only build the default objective: refused beside ``loss_terms``, and left
+    out when a checkpoint that recorded its loss terms is reloaded (they never acted there)."""
 
     def __init__(
         self,
@@ -73,8 +79,8 @@ class OfflineDistillation(DistillationModule):
         teacher: nn.Module | None = None,
         loss_terms: list[LossTerm] | None = None,
         teachers: list[nn.Module] | None = None,
-        temperature: float = 4.0,
-        alpha: float = 0.9,
+        temperature: float | None = None,
+        alpha: float | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -87,8 +93,11 @@ class OfflineDistillation(DistillationModule):
             if len(teachers) == 0:
                 raise ValueError("`teachers` is an empty list: give at least one teacher")
             teacher = TeacherEnsemble(teachers)
+        refuse_ignored({"temperature": temperature, "alpha": alpha}, loss_terms)
         if loss_terms is None:
-            loss_terms = hinton_loss_terms(temperature, alpha)
+            loss_terms = hinton_loss_terms(
+                4.0 if temperature is None else temperature, 0.9 if alpha is None else alpha
+            )
         super().__init__(
             models={"student": student, "teacher": teacher},
             loss_terms=loss_terms,
@@ -118,8 +127,10 @@ class BornAgain(OfflineDistillation):
     Args:
         student: the new generation (freshly initialised).
         teacher: the previous generation, frozen.
-        temperature: soft-target temperature of the default objective.
-        alpha: weight of the soft-target term (1 - alpha goes to the hard labels).
+        temperature: soft-target temperature of the default objective (unset: 1.0); refused
+            beside ``loss_terms``.
+        alpha: weight of the soft-target term (1 - alpha goes to the hard labels; unset: 1.0);
+            refused beside ``loss_terms``.
         loss_terms: replaces the default objective when given.
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory.
@@ -130,19 +141,22 @@ class BornAgain(OfflineDistillation):
         self,
         student: nn.Module,
         teacher: nn.Module | None = None,
-        temperature: float = 1.0,
-        alpha: float = 1.0,
+        temperature: float | None = None,
+        alpha: float | None = None,
         loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        alpha = fraction("alpha", alpha)
-        terms = loss_terms if loss_terms is not None else hinton_loss_terms(temperature, alpha)
+        refuse_ignored({"temperature": temperature, "alpha": alpha}, loss_terms)
+        if loss_terms is None:
+            loss_terms = hinton_loss_terms(
+                1.0 if temperature is None else temperature, 1.0 if alpha is None else alpha
+            )
         super().__init__(
             student=student,
             teacher=teacher,
-            loss_terms=terms,
+            loss_terms=loss_terms,
             num_classes=num_classes,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,

@@ -140,7 +140,7 @@ def test_a_python_built_objective_of_every_loss_reloads_with_its_settings_and_st
     make, term_args = CATALOGUE[name]
     torch.manual_seed(0)
     terms = [LossTerm(make(), name="term", **term_args), LossTerm(HardLabelCrossEntropy())]
-    module = OfflineDistillation(MLP(hidden_sizes=[16]), None, loss_terms=terms, temperature=7.0)
+    module = OfflineDistillation(MLP(hidden_sizes=[16]), None, loss_terms=terms)
     with torch.no_grad():  # every floating tensor moves off its initial value
         for value in module.state_dict().values():
             if value.is_floating_point():
