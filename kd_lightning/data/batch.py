@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.utils.data import IterableDataset
 
 from kd_lightning.functional.soft_target import IGNORE_INDEX
 
@@ -148,19 +149,45 @@ def example_batch(source: Any, size: int | None = 2) -> dict[str, Any]:
         batch = _call_example_batch(source, size)
     else:
         loader = source.train_dataloader() if hasattr(source, "train_dataloader") else source
-        try:
-            batch = next(iter(loader))
-        except StopIteration:
-            raise ValueError(
-                f"the training data of {type(source).__name__} yields no batch: the training set "
-                "is empty (check the data path, the split and any filtering), or drop_last "
-                "removes the only, incomplete batch (use a smaller batch_size)"
-            ) from None
+        batch = _first_batch(loader, type(source).__name__)
         for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):
             if hasattr(source, hook):
                 batch = getattr(source, hook)(batch, 0)
     batch = normalise_batch(batch)
     return batch if size is None else slice_batch(batch, size)
+
+
+def _first_batch(loader: Any, name: str) -> Any:
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        iterable = isinstance(getattr(loader, "dataset", None), IterableDataset)
+        raise ValueError(
+            f"the training data of {name} yields no batch: the training set is empty (check the "
+            "data path, the split and any filtering"
+            + ("; here an IterableDataset whose __iter__ yields no sample" if iterable else "")
+            + "), or drop_last removes the only, incomplete batch (use a smaller batch_size)"
+        ) from None
+
+
+def check_loader_not_empty(loader: Any) -> None:
+    """Refuse, before the first step, a training loader of unknown length that yields nothing.
+
+    A loader with a length (a map-style dataset) says it is empty without being read (Lightning
+    then runs no step, and the fit says so). An iterable one (``IterableDataset``) would run an
+    epoch of zero steps and exit as if trained: its first batch is drawn here once and thrown
+    away (the only way to know; the caller restores the random generators it draws from).
+
+    Raises:
+        ValueError: the loader yields no batch, naming the fix.
+    """
+    if isinstance(loader, (list, tuple, Mapping)):  # several loaders: Lightning's business
+        return
+    try:
+        len(loader)
+        return
+    except TypeError:
+        _first_batch(loader, type(loader).__name__)
 
 
 def _one_hot_like(target: torch.Tensor, num_classes: int | None) -> bool:

@@ -23,6 +23,7 @@ from torch import nn
 from kd_lightning.data.batch import (
     TargetGuard,
     batch_size,
+    check_loader_not_empty,
     check_targets,
     example_batch,
     normalise_batch,
@@ -345,6 +346,14 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         self.target_guard.raise_if_tripped()  # bad labels recorded on an accelerator
 
     on_test_end = on_validation_end
+
+    def on_train_start(self) -> None:
+        if not self._checked:  # plain DataLoaders: an iterable one may be empty (no length)
+            rng = rng_state()
+            try:
+                check_loader_not_empty(self.trainer.train_dataloader)
+            finally:
+                set_rng_state(rng)
 
     def on_fit_end(self) -> None:
         # Plain DataLoaders have no example batch: an empty one is only visible here.
