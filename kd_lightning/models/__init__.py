@@ -28,6 +28,7 @@ from kd_lightning.models.hf_students import ShallowCopy, shallow_copy
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.small_cnn import SmallCNN
 from kd_lightning.models.spec import instantiate, model_spec, records_init_args
+from kd_lightning.models.text_cnn import TextCNN
 from kd_lightning.models.tiny_vit import TinyViT
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "ShallowCopy",
     "ShuffleNetV2",
     "SmallCNN",
+    "TextCNN",
     "TinyViT",
     "VGG8",
     "VGG13",
