@@ -33,6 +33,7 @@ from kd_lightning.methods.checkpoints import StudentArtifactCheckpoints
 from kd_lightning.methods.checks import (
     check_class_count,
     check_optimizer,
+    check_precision,
     check_teacher_cache,
     check_vocabulary,
     rng_state,
@@ -369,6 +370,8 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
 
     # ------------------------------------------------------------------ start-up checks
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            check_precision(self.trainer, stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         data_classes = getattr(datamodule, "num_classes", None)
         if self.num_classes is None:

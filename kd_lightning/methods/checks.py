@@ -150,3 +150,27 @@ def check_optimizer(module: Any) -> None:
             f"the optimizer or learning-rate scheduler cannot be built ({type(err).__name__}: "
             f"{err}): fix model.init_args.optimizer / lr_scheduler (their init_args)"
         ) from err
+
+
+UNTRAINABLE_PRECISIONS = {"cpu": ("16-true",)}
+"""Precisions a fit refuses per device type: ``16-true`` keeps the weights and the optimizer
+state in float16 without loss scaling; on the CPU the first Adam step makes them non-finite
+(``eps=1e-8`` is 0 in float16). ``bf16-true`` keeps float32's exponent range and trains."""
+
+
+def check_precision(trainer: Any, stage: str) -> None:
+    """Refuse, before any step, a fit at a precision that cannot train on the trainer's device.
+
+    Raises:
+        ValueError: naming the precision, the device and the precisions to use instead.
+    """
+    precision = str(getattr(trainer, "precision", ""))
+    device = trainer.strategy.root_device.type
+    if stage == "fit" and precision in UNTRAINABLE_PRECISIONS.get(device, ()):
+        raise ValueError(
+            f"precision {precision!r} cannot train on the {device.upper()}: weights, gradients "
+            "and optimizer state in float16 without loss scaling turn non-finite at the first "
+            "update (Adam's eps=1e-8 is 0 in float16). Use precision: bf16-mixed (bfloat16 "
+            "autocast over float32 weights) or 32-true (in a config: trainer.precision; in "
+            "Python: Trainer(precision=...)). Evaluation (validate/test/predict) may use it."
+        )
