@@ -9,10 +9,12 @@ the student's samples (64 tokens after 64-token prompts of the first 4 validatio
 temperature 1), distinct-1/2 of those samples; plus the CPU seconds each run used.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python experiments/text/results/onpolicy/run.py \
-        --seeds 0 [--rows onpolicy_gkd seqkd ...]
+        --seeds 0 [--rows onpolicy_gkd seqkd ...] [--teacher PATH] [--set KEY=VALUE ...]
 
-Writes results.csv (one line per run) and results.md (means over seeds) next to this file;
-rows already in results.csv are kept (rerun a row by deleting its lines).
+``--teacher`` replaces the configs' teacher checkpoint, ``--set`` adds ``kd-lightning fit``
+overrides (e.g. ``trainer.limit_train_batches=60``) to every row (``ROW:KEY=VALUE`` to one). Writes results.csv (one line
+per run) and results.md (means over seeds) to ``--out`` (default: next to this file); rows
+already in results.csv are kept (rerun a row by deleting its lines).
 """
 
 from __future__ import annotations
@@ -51,12 +53,21 @@ def _last(rows: list[dict], key: str) -> str:
     return f"{float(values[-1]):.4f}" if values else ""
 
 
-def fit(name: str, seed: int) -> dict:
-    run = f"onpolicy_table/{name}_s{seed}"
+def fit(name: str, seed: int, teacher: str | None, overrides: list[str], folder: str) -> dict:
+    run = f"{folder}/{name}_s{seed}"
     before = _children_cpu()
     command = [sys.executable, "-m", "kd_lightning", "fit", "-c", f"experiments/text/{name}.yaml",
                "--seed_everything", str(seed), "--trainer.logger.init_args.name", run,
                "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    if teacher:
+        command += ["--model.init_args.teacher.init_args.checkpoint_path", teacher]
+        if name == "seqkd":
+            command += ["--data.init_args.generations.init_args.teacher_checkpoint", teacher]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        row, _, key = key.rpartition(":")  # "seqkd:data.init_args.train_blocks=32": one row
+        if row in ("", name):
+            command += [f"--{key}", value]
     print(" ".join(command[1:]), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
     metrics = sorted((ROOT / "runs/text" / run).glob("version_*/metrics.csv"))[-1]
@@ -68,7 +79,7 @@ def fit(name: str, seed: int) -> dict:
     return result
 
 
-def teacher_reference(seed: int) -> dict:
+def teacher_reference(seed: int, teacher: str | None, overrides: list[str]) -> dict:
     """The teacher as its own student: its perplexity and the NLL of its own samples."""
     import lightning as L
     import yaml
@@ -78,7 +89,14 @@ def teacher_reference(seed: int) -> dict:
     from kd_lightning.teachers import PretrainedTeacher, load_student
 
     config = yaml.safe_load((ROOT / "experiments/text/onpolicy_gkd.yaml").read_text())
-    path = ROOT / config["model"]["init_args"]["teacher"]["init_args"]["checkpoint_path"]
+    path = ROOT / (
+        teacher or config["model"]["init_args"]["teacher"]["init_args"]["checkpoint_path"]
+    )
+    limit = config["trainer"]["limit_val_batches"]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "trainer.limit_val_batches":
+            limit = int(value)
     settings = {k: config["model"]["init_args"][k] for k in
                 ("prompt_length", "max_new_tokens", "eval_generation_batches")}  # fmt: skip
     os.chdir(ROOT)
@@ -87,7 +105,7 @@ def teacher_reference(seed: int) -> dict:
                                   seed=seed, **settings)  # fmt: skip
     data = CausalLMTransferSet(**config["data"]["init_args"])
     trainer = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu",
-                        limit_val_batches=config["trainer"]["limit_val_batches"])  # fmt: skip
+                        limit_val_batches=limit)  # fmt: skip
     [metrics] = trainer.validate(method, datamodule=data)
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -97,12 +115,13 @@ def teacher_reference(seed: int) -> dict:
 
 
 def _mean(rows: list[dict], field: str, digits: int) -> str:
-    values = [float(r[field]) for r in rows if r[field] not in ("", None)]
+    values = [float(r[field]) for r in rows if r.get(field) not in ("", None)]
     return f"{statistics.mean(values):.{digits}f}" if values else ""
 
 
-def write(results: list[dict]) -> None:
-    with (HERE / "results.csv").open("w", newline="") as handle:
+def write(results: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(results)
@@ -115,22 +134,29 @@ def write(results: list[dict]) -> None:
         cells = [_mean(rows, f, d) for f, d in (("val_perplexity", 2), ("teacher_nll", 3),
                  ("distinct_1", 3), ("distinct_2", 3), ("on_policy_fraction", 2), ("cpu_s", 0))]  # fmt: skip
         lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="+", default=["teacher", *ROWS])
+    parser.add_argument("--teacher", help="teacher checkpoint instead of the configs' one")
+    parser.add_argument("--set", nargs="*", default=[], help="fit overrides KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--runs", default="onpolicy_table", help="folder under runs/text")
     args = parser.parse_args()
-    path = HERE / "results.csv"
+    path = args.out / "results.csv"
     results = list(csv.DictReader(path.open())) if path.is_file() else []
     for seed in args.seeds:
         for name in args.rows:
             if any(r["run"] == name and int(r["seed"]) == seed for r in results):
                 continue
-            results.append(teacher_reference(seed) if name == "teacher" else fit(name, seed))
-            write(results)
+            if name == "teacher":
+                results.append(teacher_reference(seed, args.teacher, args.set))
+            else:
+                results.append(fit(name, seed, args.teacher, args.set, args.runs))
+            write(results, args.out)
 
 
 if __name__ == "__main__":
