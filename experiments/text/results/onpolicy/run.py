@@ -145,7 +145,13 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="fit overrides KEY=VALUE")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--runs", default="onpolicy_table", help="folder under runs/text")
+    parser.add_argument("--merge", type=Path, nargs="*", help="only merge these results.csv")
     args = parser.parse_args()
+    if args.merge:  # rows run as separate processes (in parallel), each with its own --out
+        merged = [row for part in args.merge for row in csv.DictReader(part.open())]
+        order = ["teacher", *ROWS]
+        write(sorted(merged, key=lambda r: (order.index(r["run"]), int(r["seed"]))), args.out)
+        return
     path = args.out / "results.csv"
     results = list(csv.DictReader(path.open())) if path.is_file() else []
     for seed in args.seeds:
