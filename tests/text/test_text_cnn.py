@@ -7,6 +7,8 @@ distances), never from the model's own earlier output.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,34 @@ def test_embeddings_from_a_weights_file(tmp_path):
         load_word_embeddings(tmp_path / "model.safetensors", key="no.such.weight")
     with pytest.raises(ValueError, match="needs vocab_size"):
         TextCNN(num_classes=3)
+
+
+def test_bbc_textcnn_configs_fit_as_slices(tiny_minilm_dir, text_corpus, tmp_path, monkeypatch):
+    """experiments/text/bbc_textcnn_{alone,distil}.yaml through ``kd-lightning fit``, shrunk as
+    tests/text/test_text_experiments.py shrinks every text config (embeddings 16 wide: the
+    stand-in MiniLM is 32 wide); the distilled run reads the teacher its config names."""
+    import csv
+
+    import yaml
+
+    from kd_lightning.cli import main as cli_main
+    from kd_lightning.teachers import load_student
+    from tests.text.test_text_experiments import _slice
+
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "-c", str(_slice("bbc_teacher", tiny_minilm_dir, text_corpus))])
+    for name in ("bbc_textcnn_alone", "bbc_textcnn_distil"):
+        path = _slice(name, tiny_minilm_dir, text_corpus)
+        config = yaml.safe_load(path.read_text())
+        model = config["model"]["init_args"]
+        (model.get("model") or model["student"])["init_args"]["embedding_dim"] = 16
+        path.write_text(yaml.safe_dump(config))
+        cli_main(["fit", "-c", str(path)])
+        student = load_student(sorted(Path(f"runs/text/{name}").rglob("*.ckpt"))[-1])
+        assert isinstance(student, TextCNN) and student.embedding.weight.shape[1] == 16
+        assert not student.embedding.weight.requires_grad  # the configs keep embeddings fixed
+        rows = list(csv.DictReader(open(f"runs/text/{name}/version_0/metrics.csv")))
+        logged = {k for row in rows for k, v in row.items() if v}
+        assert "val/acc" in logged
+        if name == "bbc_textcnn_distil":
+            assert {"train/loss_kd_step", "val/agreement"} <= logged
