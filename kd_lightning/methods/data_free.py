@@ -28,6 +28,7 @@ from kd_lightning.data.synthesised import SynthesisedTransferSet
 from kd_lightning.losses import SoftTargetKLLoss
 from kd_lightning.losses.pseudo_label import TeacherTopOneCrossEntropy
 from kd_lightning.methods.base import DistillationModule, default_optimizer
+from kd_lightning.methods.own_knowledge import refuse_ignored
 from kd_lightning.models.spec import instantiate
 from kd_lightning.objective import LossTerm
 from kd_lightning.synthesis import InputSynthesiser, module_digest
@@ -58,9 +59,11 @@ class DataFreeDistillation(DistillationModule):
             :class:`~kd_lightning.synthesis.DataImpressions`); ``None`` when the datamodule
             reads a saved set.
         num_samples: size of the synthesised transfer set.
-        temperature: soft-target temperature T of the default soft-target term.
+        temperature: soft-target temperature T of the default soft-target term (unset: 4.0).
+            Only for the default objective: refused beside ``loss_terms``.
         hard_label_weight: weight of the default cross-entropy with the teacher's top-1 class
-            (:class:`~kd_lightning.losses.pseudo_label.TeacherTopOneCrossEntropy`; 0: no term).
+            (:class:`~kd_lightning.losses.pseudo_label.TeacherTopOneCrossEntropy`; unset or 0:
+            no term). Only for the default objective, like ``temperature``.
         loss_terms: the objective, replacing the two default terms (any loss works).
         num_classes: number of classes (linked from the data by the CLI).
         optimizer: optimizer factory (sees the student only).
@@ -68,6 +71,8 @@ class DataFreeDistillation(DistillationModule):
     """
 
     hparams_ignore = ("synthesiser",)
+    objective_args: tuple[str, ...] = ("temperature", "hard_label_weight")
+    """Arguments that only build the default objective (see ``OfflineDistillation``)."""
 
     def __init__(
         self,
@@ -75,8 +80,8 @@ class DataFreeDistillation(DistillationModule):
         teacher: nn.Module | None = None,
         synthesiser: InputSynthesiser | None = None,
         num_samples: int = 2560,
-        temperature: float = 4.0,
-        hard_label_weight: float = 0.0,
+        temperature: float | None = None,
+        hard_label_weight: float | None = None,
         loss_terms: list[LossTerm] | None = None,
         num_classes: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
@@ -84,8 +89,15 @@ class DataFreeDistillation(DistillationModule):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        temperature = positive("temperature", temperature, "Use e.g. temperature: 4.0")
-        hard_label_weight = non_negative("hard_label_weight", hard_label_weight)
+        refuse_ignored({"temperature": temperature, "hard_label_weight": hard_label_weight},
+                       loss_terms)
+        temperature = positive(
+            "temperature", 4.0 if temperature is None else temperature,
+            "Use e.g. temperature: 4.0",
+        )
+        hard_label_weight = non_negative(
+            "hard_label_weight", 0.0 if hard_label_weight is None else hard_label_weight
+        )
         if isinstance(synthesiser, dict):  # a class_path spec, from a checkpoint's hparams
             synthesiser = instantiate(synthesiser)
         if synthesiser is not None and not isinstance(synthesiser, InputSynthesiser):
