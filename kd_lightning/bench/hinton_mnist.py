@@ -219,19 +219,15 @@ MAIN_RUNS = ("student_alone", "kd_soft", "kd_soft_hard")
 FASHION_RUNS = ("student_alone", "kd_soft_hard")
 
 
-def collect(
-    mnist: Path,
-    teacher: Path,
-    temperature: Path | None = None,
-    fashion: Path | None = None,
-    fashion_teacher: Path | None = None,
-) -> dict[str, Any]:
+def collect(mnist: Path, teacher: Path, *optional: Path | None) -> dict[str, Any]:
     """Every figure of the report, as plain data (written to the CSV and JSON).
 
     ``main``/``fashion``: test errors per seed of each row; ``val``/``fashion_val``: their
     validation accuracy (%); ``omit3``/``only78``: one :func:`bias_shift_study` per seed;
-    ``temperature``: width -> {``alone`` or T -> errors per seed}.
+    ``temperature``: width -> {``alone`` or T -> errors per seed}. ``optional``: the output
+    folders of the temperature study, the Fashion-MNIST study and its teacher's (None: absent).
     """
+    temperature, fashion, fashion_teacher = (list(optional) + [None] * 3)[:3]
     data: dict[str, Any] = {"main": {}, "val": {}, "temperature": {}, "fashion": {}}
     data["fashion_val"], data["earlier"] = {}, {}
     sources = [(teacher, "teacher")] + [(mnist, run) for run in MAIN_RUNS]
