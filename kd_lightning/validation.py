@@ -51,6 +51,19 @@ def positive(name: str, value: Any, hint: str = "") -> float:
     return _finite(name, value, "> 0", hint)
 
 
+def within(name: str, value: Any, low: float, high: float, why: str) -> float:
+    """A finite number in ``[low, high]`` (a temperature with a documented useful range).
+
+    Raises:
+        TypeError: not a number. ValueError: outside the range, NaN or infinite; the message
+            names the range and ends with ``why`` (what goes wrong outside it, what to use).
+    """
+    value = positive(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}: {why}")
+    return value
+
+
 def non_negative(name: str, value: Any, hint: str = "") -> float:
     """A finite number >= 0 (loss weights).
 

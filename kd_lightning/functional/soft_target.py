@@ -48,10 +48,42 @@ def soft_target_kl(
         float64 inputs.
     """
     check_same_shape(student, teacher, "Soft-target KL")
-    log_q = softened_log_probs(student, temperature)
-    log_p = softened_log_probs(teacher.detach(), temperature)
-    kl = kl_from_log_probs(log_p, log_q).mean()
+    kl = soft_target_kl_rows(student, teacher.detach(), temperature).mean()
     return kl * temperature**2 if scale_by_t2 else kl
+
+
+def soft_target_kl_rows(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    r"""Per-row :math:`\mathrm{KL}(p \| q)`, ``(B,)`` or ``(B, L)``, accurate at high T and >= 0.
+
+    At a high temperature both softened distributions are close to uniform: every
+    :math:`\log p_i` and :math:`\log q_i` is about :math:`-\log C` while their difference is
+    about :math:`d/T`, so :math:`\sum p_i(\log p_i - \log q_i)` cancels to its rounding error
+    (float32, T=1e6: -1e-7 instead of +1e-10, times :math:`T^2` a large negative "KL"). Rows
+    whose scaled logit differences :math:`d_i = (v_i - z_i)/T` are all within ``[-1, 1]``
+    therefore use the exact rewriting
+
+    .. math:: \mathrm{KL}(p\|q) = \sum_i p_i d_i - \log\Big(1 + \sum_i q_i\,(e^{d_i} - 1)\Big)
+
+    (since :math:`\log p_i - \log q_i = d_i - \log \sum_j q_j e^{d_j}`), whose terms are of
+    the size of :math:`d` and keep a relative accuracy near machine precision; other rows use
+    :math:`\sum p_i(\log p_i - \log q_i)`. A KL is non-negative by definition: what rounding
+    leaves below 0 is set to 0. A teacher logit of ``-inf`` is :math:`p_i = 0`
+    (:math:`e^{d_i} = 0`, no :math:`p_i d_i` term); a student ``-inf`` where the teacher has
+    mass gives :math:`+\infty`.
+    """
+    z, v = upcast(student), upcast(teacher)
+    log_q, log_p = softened_log_probs(z, temperature), softened_log_probs(v, temperature)
+    classic = kl_from_log_probs(log_p, log_q)
+    p, q = log_p.exp(), log_q.exp()
+    outside = (p == 0) | (q == 0)
+    d = torch.where(outside, torch.zeros_like(z), (v - z) / temperature).clamp(-1.0, 1.0)
+    e = torch.where(p == 0, torch.full_like(d, -1.0), torch.expm1(d))
+    close = ((v - z).abs() / temperature <= 1.0) | outside
+    rewritten = (p * d).sum(-1) - torch.log1p((q * e).sum(-1))
+    rewritten = torch.where(((q == 0) & (p > 0)).any(-1), classic, rewritten)
+    return torch.where(close.all(-1), rewritten, classic).clamp_min(0.0)
 
 
 def hard_label_cross_entropy(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

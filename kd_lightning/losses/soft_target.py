@@ -16,7 +16,10 @@ from kd_lightning.functional.soft_target import (
     soft_target_kl,
 )
 from kd_lightning.models.spec import records_init_args
-from kd_lightning.validation import positive
+from kd_lightning.validation import positive, within
+
+TEMPERATURE_RANGE = (1e-2, 1e4)
+"""Temperatures :class:`SoftTargetKLLoss` accepts (see its docstring for why)."""
 
 
 @records_init_args
@@ -28,17 +31,34 @@ class SoftTargetKLLoss(nn.Module):
     of 0 and its term is 0.
 
     Args:
-        temperature: softening temperature T; must be > 0. Hinton et al. use 1-20; CIFAR
+        temperature: softening temperature T in ``[0.01, 1e4]``. Hinton et al. use 1-20; CIFAR
             protocols use 4.
         scale_by_t2: multiply by T^2 so the gradient scale does not depend on T.
+
+    Why the range: below T = 0.01 a logit gap of 1 is ``exp(-100)`` apart after softening,
+    below float32's smallest number, so the soft targets are exactly one-hot (no dark knowledge
+    is left) and the T^2-scaled loss and its gradient shrink like ``T x gap`` towards 0: the
+    term silently trains nothing. Above T = 1e4 the scaled KL equals its high-temperature limit,
+    logit matching (Hinton et al. 2015, section 2.1; :class:`LogitMatchingMSELoss` over C
+    classes), to within ``gap / T``, while float32 resolves the differences ``gap / T`` of
+    nearly uniform distributions ever more coarsely (the KL itself is computed so that it stays
+    >= 0 and accurate to ~0.3% even at T = 1e6, see
+    :func:`~kd_lightning.functional.soft_target.soft_target_kl_rows`). Use
+    :class:`LogitMatchingMSELoss` for that limit.
     """
 
     uses_teacher = True
 
     def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True) -> None:
         super().__init__()
-        self.temperature = positive(
-            "temperature", temperature, "Use e.g. temperature: 4.0 (values in 1-20 are common)."
+        positive("temperature", temperature, "Use e.g. temperature: 4.0 (1-20 are common).")
+        self.temperature = within(
+            "temperature",
+            temperature,
+            *TEMPERATURE_RANGE,
+            "below 0.01 the soft targets are one-hot in float32 and the T^2-scaled loss "
+            "vanishes; above 1e4 it is logit matching (use LogitMatchingMSELoss). Use e.g. "
+            "temperature: 4.0 (1-20 are common)",
         )
         self.scale_by_t2 = scale_by_t2
 

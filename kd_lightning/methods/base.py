@@ -308,8 +308,7 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             batch["target"] = target
         knowledge = self.forward_knowledge(batch, stage)
         losses = self.compute_losses(knowledge, batch, stage)
-        if stage == "train":
-            self.nonfinite.record(losses)
+        self.nonfinite.record(losses, stage, self)  # val/test: read at the evaluation's end
         size = batch_size(batch)
         logged = {
             f"{stage}/loss" if k == "loss" else f"{stage}/loss_{k}": v.detach()
@@ -345,6 +344,7 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
 
     def on_validation_end(self) -> None:
         self.target_guard.raise_if_tripped()  # bad labels recorded on an accelerator
+        self.nonfinite.raise_if_evaluation_tripped()
 
     on_test_end = on_validation_end
 

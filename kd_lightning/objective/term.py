@@ -193,7 +193,8 @@ class Objective(nn.ModuleList):
         terms: the terms; names must be unique (they name the logs).
 
     Raises:
-        ValueError: an empty list or duplicate names.
+        ValueError: an empty list, duplicate names, or every term weighted 0 (the total is
+            then the constant 0: no gradient reaches any model and a fit trains nothing).
     """
 
     def __init__(self, terms: Iterable[LossTerm]) -> None:
@@ -211,6 +212,12 @@ class Objective(nn.ModuleList):
         if duplicates:
             raise ValueError(
                 f"loss term names must be unique; {duplicates} appear twice: set `name:` on each term"
+            )
+        if all(t.weight == 0 for t in terms):
+            raise ValueError(
+                f"every loss term has weight 0 ({', '.join(f'{t.name}: 0' for t in terms)}): "
+                "the objective is the constant 0, so no gradient reaches any model and a fit "
+                "trains nothing; give at least one term a weight > 0 (e.g. weight: 1.0)"
             )
         super().__init__(terms)
         # FitNets-style stages: terms without pretrain_epochs start after the longest stage 1.
