@@ -67,7 +67,7 @@ from kd_lightning.cli_run_files import (
 from kd_lightning.config_specs import record_config_specs
 from kd_lightning.methods import DistillationModule
 from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
-from kd_lightning.models.spec import _import_class, instantiate
+from kd_lightning.models.spec import _import_class, instantiate_config
 
 PROG = "kd-lightning"
 SUBCOMMANDS = {
@@ -319,7 +319,7 @@ class KDLightningCLI(LightningCLI):
             return
         # A datamodule reads no data in __init__ (Lightning's convention): cheap to build twice.
         try:
-            datamodule = instantiate(data_config.as_dict())
+            datamodule = instantiate_config(data_config.as_dict())
         except (ValueError, TypeError, LookupError, OSError, ImportError) as err:
             raise CLIError(
                 f"cannot build the data ({data_config.get('class_path')}): {err}"

@@ -52,12 +52,15 @@ class ExportCommandError(ValueError):
 def rebuild_student(checkpoint: str | Path) -> nn.Module:
     """The checkpoint's student, or an :class:`ExportCommandError` that says why not."""
     from kd_lightning.callbacks.quantization import load_compressed_student
+    from kd_lightning.models.spec import UnsafeSpecError
 
     path = Path(checkpoint)
     if not path.is_file():
         raise ExportCommandError(f"checkpoint {str(path)!r} does not exist.")
     try:
         return load_compressed_student(path).eval()
+    except UnsafeSpecError as err:
+        raise ExportCommandError(f"{str(path)!r}: {err}") from err
     except ImportError as err:
         raise ExportCommandError(
             f"cannot rebuild the student of {str(path)!r}: {err}. Install/import the package "
@@ -73,13 +76,13 @@ def rebuild_student(checkpoint: str | Path) -> nn.Module:
 
 
 def _example_from_config(config: str | Path) -> Tensor:
-    from kd_lightning.models.spec import instantiate
+    from kd_lightning.models.spec import instantiate_config
 
     spec = yaml.safe_load(Path(config).read_text()) or {}
     data = spec.get("data")
     if not isinstance(data, dict):
         raise ExportCommandError(f"{config} has no `data:` section to take an example input from.")
-    datamodule = instantiate(data)
+    datamodule = instantiate_config(data)  # the user's own config file
     if not hasattr(datamodule, "example_batch"):
         raise ExportCommandError(
             f"the datamodule of {config} ({type(datamodule).__name__}) has no example_batch(); "

@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.config:
         import yaml
 
-        from kd_lightning.models.spec import instantiate
+        from kd_lightning.models.spec import instantiate_config as instantiate  # a config: trusted
 
         datamodule = instantiate((yaml.safe_load(Path(args.config).read_text()) or {})["data"])
     else:

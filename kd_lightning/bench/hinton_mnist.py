@@ -115,7 +115,7 @@ def run_dirs(output_dir: Path, run: str) -> list[Path]:
 
 
 def _datamodule(config: dict[str, Any]) -> Any:
-    from kd_lightning.models.spec import instantiate
+    from kd_lightning.models.spec import instantiate_config as instantiate  # a config: trusted
 
     data = yaml.safe_load(yaml.safe_dump(config["data"]))
     data.setdefault("init_args", {})["teacher_cache"] = None  # logits come from the student

@@ -81,7 +81,7 @@ class StudyCLI(LightningCLI):
     """LightningCLI over any LightningModule and any LightningDataModule, parse and build only."""
 
     def before_instantiate_classes(self) -> None:
-        from kd_lightning.models.spec import instantiate
+        from kd_lightning.models.spec import instantiate_config as instantiate  # a config: trusted
 
         data, model = self.config.get("data"), self.config.get("model")
         if data is None or model is None:

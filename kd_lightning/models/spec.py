@@ -136,12 +136,39 @@ def _import_class(class_path: str) -> type:
         ) from err
 
 
-def instantiate(spec: Any) -> Any:
-    """Build an object from a (possibly nested) ``{"class_path", "init_args"}`` spec.
+class UnsafeSpecError(ValueError):
+    """A recorded spec names something a file may not make kd_lightning call."""
 
-    Also accepts Lightning's hparams form ``{"_class_path": ..., **init_args}``. Values that are
-    not specs are returned unchanged.
-    """
+
+ALLOWED_BASES: tuple[str, ...] = (
+    "torch.nn.modules.module.Module",
+    "kd_lightning.objective.schedule.Schedule",
+    "kd_lightning.synthesis.base.InputSynthesiser",
+)
+"""The only classes (and their subclasses) a spec read from a file may build: models, losses,
+loss terms and connectors are ``nn.Module``; loss-weight schedules and the data-free method's
+input synthesisers are the two non-module kinds our own checkpoints record."""
+
+OPT_INS: tuple[str, ...] = ("trust_pickled_code", "trust_remote_code")
+"""Arguments that trust code; only the user sets them, never a recorded spec."""
+
+_REFUSAL = (
+    "A model recipe read from a file may only name a class derived from "
+    "torch.nn.Module, kd_lightning.objective.Schedule or kd_lightning.synthesis.InputSynthesiser, "
+    "so a file cannot make kd_lightning run an arbitrary callable; trust_pickled_code=True does "
+    "not lift this (it only trusts the unpickler). If the file is yours, build the object in "
+    "Python and pass it (load_student(path, model=...), Method.load_from_checkpoint(path, "
+    "student=...), PretrainedTeacher(path, model=...))."
+)
+
+
+def _allowed(obj: Any) -> bool:
+    names = {f"{c.__module__}.{c.__qualname__}" for c in inspect.getmro(obj)}
+    return any(name in names for name in ALLOWED_BASES)
+
+
+def _plan(spec: Any, checked: bool) -> Any:
+    """Resolve every class of a spec tree (checking each when ``checked``) before any call."""
     if isinstance(spec, dict) and ("class_path" in spec or "_class_path" in spec):
         if "class_path" in spec:
             class_path, init_args = spec["class_path"], dict(spec.get("init_args") or {})
@@ -149,7 +176,68 @@ def instantiate(spec: Any) -> Any:
         else:
             class_path = spec["_class_path"]
             init_args = {k: v for k, v in spec.items() if k != "_class_path"}
-        return _import_class(class_path)(**{k: instantiate(v) for k, v in init_args.items()})
+        if checked and not isinstance(class_path, str):
+            raise UnsafeSpecError(f"a recorded spec has class_path {class_path!r} (not a name). "
+                                  + _REFUSAL)  # fmt: skip
+        target = _import_class(class_path)
+        if checked:
+            if not inspect.isclass(target):
+                raise UnsafeSpecError(
+                    f"refused to build {class_path!r}: it is a {type(target).__name__}, not a "
+                    f"class. {_REFUSAL}"
+                )
+            if not _allowed(target):
+                raise UnsafeSpecError(
+                    f"refused to build {class_path!r}: the class is not a torch.nn.Module, "
+                    f"Schedule or InputSynthesiser. {_REFUSAL}"
+                )
+            opted = [k for k in OPT_INS if init_args.get(k)]
+            if opted:
+                raise UnsafeSpecError(
+                    f"refused to build {class_path!r} with {opted[0]}=true taken from a file: "
+                    f"only you can opt in to trusting code, in your own call or config. {_REFUSAL}"
+                )
+        return (target, {k: _plan(v, checked) for k, v in init_args.items()})
     if isinstance(spec, list):
-        return [instantiate(v) for v in spec]
-    return spec
+        return [_plan(v, checked) for v in spec]
+    return _Value(spec)
+
+
+class _Value:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _build(plan: Any) -> Any:
+    if isinstance(plan, tuple):
+        target, args = plan
+        return target(**{k: _build(v) for k, v in args.items()})
+    if isinstance(plan, list):
+        return [_build(v) for v in plan]
+    return plan.value
+
+
+def instantiate(spec: Any) -> Any:
+    """Build an object from a (possibly nested) ``{"class_path", "init_args"}`` spec.
+
+    Every spec this library reads comes, or may come, from a file (a checkpoint's
+    ``student_spec``/``init_specs``/``hyper_parameters``), so every class of the tree is
+    resolved and checked before anything is called: only classes derived from
+    :data:`ALLOWED_BASES` (never a function), and no :data:`OPT_INS` argument set. Also accepts
+    Lightning's hparams form ``{"_class_path": ..., **init_args}``. Values that are not specs
+    are returned unchanged.
+
+    Raises:
+        UnsafeSpecError: a part names a function, another class, or sets a trust opt-in; the
+            message names its class path. Nothing was called.
+        ImportError: a class path cannot be imported.
+    """
+    return _build(_plan(spec, checked=True))
+
+
+def instantiate_config(spec: Any) -> Any:
+    """:func:`instantiate` without the allow-list, for the user's own config (a data module and
+    what it nests): never for a spec read from a checkpoint or any other file."""
+    return _build(_plan(spec, checked=False))
