@@ -31,6 +31,7 @@ from kd_lightning.data.datasets import (
     collate_batch,
     select_transfer_samples,
 )
+from kd_lightning.data.split_identity import SPLIT_ARGUMENTS, plain, split_digest
 from kd_lightning.data.teacher_cache import TeacherCache
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -116,6 +117,7 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
         self.teacher_cache = teacher_cache
         self.datasets: dict[str, Any] = {}
         self._cache_attached = False
+        self._split_identity: dict[str, Any] | None = None
 
     @abc.abstractmethod
     def build_datasets(self) -> dict[str, Dataset]:
@@ -125,6 +127,24 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
         """What the teacher cache reads (see :meth:`TeacherCache.ensure`): the split loaders."""
         self._build_once()
         return {split: self._loader(split, shuffle=False) for split in self.datasets}
+
+    def split_identity(self) -> dict[str, Any] | None:
+        """Which samples are in each evaluation split: the data module's class, the arguments
+        that decide the splits, and a digest of each val/test split's content (see
+        :mod:`kd_lightning.data.split_identity`); recorded in checkpoints at fit and compared
+        when a checkpoint is evaluated. ``None`` when the datasets were given directly (their
+        splits are the user's; not checked)."""
+        if any(v is not None for v in getattr(self, "sources", {}).values()):
+            return None
+        if getattr(self, "_split_identity", None) is None:
+            self._build_once()
+            arguments = {k: getattr(self, k) for k in SPLIT_ARGUMENTS if hasattr(self, k)}
+            self._split_identity = {
+                "data": f"{type(self).__module__}.{type(self).__qualname__}",
+                "arguments": plain(arguments),
+                "digests": {s: split_digest(d) for s, d in self.datasets.items() if s != "train"},
+            }
+        return self._split_identity
 
     # ------------------------------------------------------------------ set-up checks
     def check_labels(self, split: str, targets: Any) -> None:
@@ -244,12 +264,12 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
         return self._loader("test", shuffle=False)
 
 
-
 def _epoch_to_run(trainer: Any) -> int:
     """The epoch a fit starts (or resumes) at: the one Lightning passes to ``set_epoch``."""
     progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
     processed = getattr(getattr(progress, "current", None), "processed", None)
     return int(processed) if isinstance(processed, int) else 0
+
 
 class TransferSetDataModule(BaseTransferSetDataModule):
     """Base of in-memory tensor transfer sets: splits, labeled fraction, omitted classes, dict batches.

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from kd_lightning.artifact import CHECKPOINT_KEY, read_checkpoint, student_record
+from kd_lightning.data.split_identity import check_split_identity
 from kd_lightning.methods.checks import rng_state, set_rng_state
 from kd_lightning.models.spec import Unrecordable, instantiate, model_spec, object_spec
 from kd_lightning.teachers import FrozenTeacher
@@ -88,6 +89,16 @@ class StudentArtifactCheckpoints:
             "unrecorded": self.unrecorded_arguments(),
             "rng": rng_state(),
         })  # fmt: skip
+        split = self.data_split_identity()
+        if split is not None:  # evaluating this checkpoint later compares its splits
+            checkpoint[CHECKPOINT_KEY]["data_split"] = split
+
+    def data_split_identity(self) -> dict[str, Any] | None:
+        """The attached data module's split identity (``None`` without one, or outside a
+        trainer); see :mod:`kd_lightning.data.split_identity`."""
+        trainer = getattr(self, "_trainer", None)
+        identity = getattr(getattr(trainer, "datamodule", None), "split_identity", None)
+        return identity() if callable(identity) else None
 
     def init_specs(self) -> dict[str, Any]:
         """Specs of every module argument that can be rebuilt (for :meth:`load_from_checkpoint`)."""
@@ -113,6 +124,9 @@ class StudentArtifactCheckpoints:
 
         prepare_for_state_dict(self, checkpoint["state_dict"], compression_record(checkpoint))
         record = checkpoint.get(CHECKPOINT_KEY, {})
+        if self._trainer is not None:  # evaluated (or resumed) on the splits of its fit only
+            stage = getattr(self.trainer.state.fn, "value", str(self.trainer.state.fn))
+            check_split_identity(record.get("data_split"), self.data_split_identity(), stage)
         if "rng" in record and self._trainer is not None:
             set_rng_state(record["rng"])  # resume draws the numbers an unbroken run draws
 
