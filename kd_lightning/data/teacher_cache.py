@@ -29,7 +29,8 @@ The header records what the outputs were made from (:class:`CacheProvenance`). O
 identity field is compared with the current run and every payload chunk is checked, so a
 changed teacher or data set, a flipped byte or a truncated file is detected; the cache is then
 rebuilt when the teacher is available, or refused with a message naming the mismatch and the
-fix. Writes are atomic (temporary file, fsync, ``os.replace``).
+fix. Writes are atomic (temporary file, fsync, ``os.replace``) and replace only an earlier
+teacher cache, never an input or another file (:mod:`kd_lightning.data.cache_path_guard`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from kd_lightning.container import (
     verify_payload,
 )
 from kd_lightning.data.batch import normalise_batch
+from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_replacing_other_files
 from kd_lightning.data.cache_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -179,6 +181,7 @@ class TeacherCache:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        refuse_aliased_inputs(path, teacher_checkpoint, teacher)  # before anything is read
         self.path = Path(path)
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher = teacher
@@ -358,6 +361,8 @@ class TeacherCache:
             expected: :meth:`expected_identity` if already computed.
             on_batch: called after every teacher batch (tests interrupt the build with it).
         """
+        refuse_aliased_inputs(self.path, self.teacher_checkpoint, self.teacher)  # links may have
+        refuse_replacing_other_files(self.path)  # changed since: checked again before writing
         expected = expected or self.expected_identity(source)
         if self.views > 1 and not getattr(source, "augments_train", False):
             raise ValueError(
