@@ -148,7 +148,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_path(output: Path, inputs: dict[str, Path | None], overwrite: bool) -> None:
-    """Refuse an output that is (or resolves to) an input, or that exists without ``overwrite``."""
+    """Refuse an output that is (or resolves to) an input, a directory, or that exists without
+    ``overwrite``."""
+    if output.is_dir():
+        suffix = output.suffix if output.suffix in (".onnx", ".pt2") else ".onnx"
+        raise ExportCommandError(
+            f"--output {str(output)!r} is a directory, not a file: --overwrite replaces a file, "
+            f"never a folder. Name a file, e.g. --output {str(output / ('student' + suffix))!r}."
+        )
     for flag, path in inputs.items():
         if path is not None and _same_file(output, Path(path)):
             raise ExportCommandError(

@@ -19,8 +19,9 @@ converted with a softmax over the last axis first.
 
 The file is written atomically (a temporary file beside it, renamed when prediction ends), so
 an interrupted run leaves no half file. An existing file is never replaced unless
-``overwrite=True``: the run stops before predicting, naming the option. On several devices each
-rank writes its own file, ``<stem>-rank<r><suffix>``.
+``overwrite=True``: the run stops before predicting, naming the option; a file the run reads
+(the checkpoint, a teacher's, the teacher cache) is never the output, even with ``overwrite``.
+On several devices each rank writes its own file, ``<stem>-rank<r><suffix>``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,37 @@ def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
     scores = scores.detach().float()
     is_distribution = bool((scores >= 0).all() and ((scores.sum(-1) - 1).abs() <= 1e-3).all())
     return scores if is_distribution else torch.softmax(scores, dim=-1)
+
+
+def read_files(trainer: Trainer, pl_module: LightningModule) -> dict[str, Path]:
+    """The files a prediction run reads: the evaluated checkpoint (``--ckpt_path``), every
+    teacher/model checkpoint a module was loaded from, the data module's teacher cache."""
+    files: dict[str, Path] = {}
+    if trainer.ckpt_path:
+        files["--ckpt_path"] = Path(trainer.ckpt_path)
+    for name, module in pl_module.named_modules():
+        path = getattr(module, "checkpoint_path", None)
+        if isinstance(path, (str, Path)):
+            files[f"the checkpoint of {name or 'the model'}"] = Path(path)
+    cache = getattr(trainer.datamodule, "teacher_cache", None)
+    if isinstance(getattr(cache, "path", None), (str, Path)):
+        files["the teacher cache"] = Path(cache.path)
+    return files
+
+
+def refuse_input_as_output(target: Path, inputs: dict[str, Path]) -> None:
+    """Raise ``ValueError`` if ``target`` is (or resolves to) one of ``inputs``: overwrite or not."""
+    for what, path in inputs.items():
+        same = path.resolve() == target.resolve()
+        if not same and path.exists() and target.exists():
+            same = os.path.samefile(path, target)
+        if same:
+            raise ValueError(
+                f"predictions path {str(target)!r} is {what} {str(path)!r}, which this run "
+                "reads: writing predictions there would destroy it (--predictions.overwrite "
+                "never allows that). Pass another file, e.g. --predictions.path "
+                f"{str(target.with_name('predictions' + target.suffix))!r}."
+            )
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -103,6 +135,12 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
         target = self.target_path(trainer)
+        refuse_input_as_output(target, read_files(trainer, pl_module))
+        if target.is_dir():
+            raise IsADirectoryError(
+                f"predictions path {str(target)!r} is a directory: pass a file, e.g. "
+                f"--predictions.path {str(target / DEFAULT_NAME)!r}."
+            )
         if target.exists() and not self.overwrite:
             raise FileExistsError(
                 f"predictions file {str(target)!r} exists; pass --predictions.overwrite true "
