@@ -18,6 +18,7 @@ from kd_lightning.artifact import (
     load_state_into,
     load_student,
     read_checkpoint,
+    require_path,
 )
 from kd_lightning.models.spec import instantiate
 from kd_lightning.teachers.frozen import FrozenTeacher, call_model, output_logits
@@ -120,7 +121,11 @@ class PretrainedTeacher(FrozenTeacher):
         key_prefix: str | None = None,
         trust_pickled_code: bool = False,
     ) -> None:
-        path = Path(checkpoint_path)
+        path = require_path(
+            checkpoint_path,
+            f"{type(self).__name__}'s checkpoint_path "
+            "(in a config: model.init_args.teacher.init_args.checkpoint_path)",
+        )
         if isinstance(model, dict):
             model = instantiate(model)
         if path.is_dir():
@@ -179,6 +184,7 @@ class PermutedTeacher(FrozenTeacher):
         if (checkpoint_path is None) == (teacher is None):
             raise ValueError("PermutedTeacher needs exactly one of checkpoint_path and teacher")
         if teacher is None:
+            require_path(checkpoint_path, "PermutedTeacher's checkpoint_path")
             teacher = PretrainedTeacher(checkpoint_path, trust_pickled_code=trust_pickled_code)
         super().__init__(teacher)
         if permutation is not None and sorted(permutation) != list(range(len(permutation))):
