@@ -29,7 +29,7 @@ from kd_lightning.bench.evaluate import implements
 from kd_lightning.bench.plan import CHECKPOINT_NAME, PlannedRun, digest, set_dotted
 from kd_lightning.bench.run import build_config, quiet_lightning, root_message, write_config
 from kd_lightning.bench.study_file import StudyError
-from kd_lightning.methods.checks import check_teacher_cache
+from kd_lightning.methods.checks import check_teacher_cache, check_trainer
 
 
 class PreflightError(StudyError):
@@ -190,6 +190,7 @@ def _check_one(
     path = write_config(config, folder / "configs" / f"{len(list(folder.glob('configs/*')))}.yaml")
     cli = build_config(path)
     refuse_several_processes(cli.trainer)
+    check_trainer(cli.trainer, "fit")  # the checks a fit makes at start-up
     example = example_batch(cli.datamodule)
     startup_checks(cli.model, cli.datamodule, example, cli.trainer)
     if not implements(cli.datamodule, "test_dataloader"):

@@ -33,13 +33,14 @@ from kd_lightning.methods.checkpoints import StudentArtifactCheckpoints
 from kd_lightning.methods.checks import (
     check_class_count,
     check_optimizer,
-    check_precision,
     check_teacher_cache,
+    check_trainer,
     check_vocabulary,
     rng_state,
     set_rng_state,
     untouched,
 )
+from kd_lightning.methods.forward_errors import explain_forward_failure
 from kd_lightning.methods.metrics import KnowledgeMetrics
 from kd_lightning.methods.nonfinite import NonFiniteGuard
 from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
@@ -251,7 +252,9 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
         if model is None:
             return {}
         capture = self._captures.get(name)
-        with capture if capture is not None else nullcontext({}) as features:
+        # Start-up: a forward that fails on the example names the model and the input shape.
+        explained = nullcontext() if self._checked else explain_forward_failure(name, model, batch)
+        with capture if capture is not None else nullcontext({}) as features, explained:
             if hasattr(model, "teach"):
                 out = model.teach(batch, knowledge)
             else:
@@ -356,6 +359,13 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             finally:
                 set_rng_state(rng)
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`~kd_lightning.callbacks.monitor_check.MonitorCheck`: a monitored metric
+        name the run never logs is refused before training (after the sanity check)."""
+        from kd_lightning.callbacks.monitor_check import MonitorCheck  # callbacks import methods
+
+        return [MonitorCheck()]
+
     def on_fit_end(self) -> None:
         # Plain DataLoaders have no example batch: an empty one is only visible here.
         trainer = self.trainer
@@ -371,7 +381,7 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
     # ------------------------------------------------------------------ start-up checks
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
-            check_precision(self.trainer, stage)
+            check_trainer(self.trainer, stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         data_classes = getattr(datamodule, "num_classes", None)
         if self.num_classes is None:

@@ -6,6 +6,7 @@ memory banks and random draws must not differ from a run without the check.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,12 +151,77 @@ def check_optimizer(module: Any) -> None:
             f"the optimizer or learning-rate scheduler cannot be built ({type(err).__name__}: "
             f"{err}): fix model.init_args.optimizer / lr_scheduler (their init_args)"
         ) from err
+    check_learning_rates(optimizer)
+
+
+def check_learning_rates(optimizer: Any) -> None:
+    """Refuse a parameter group whose learning rate is NaN, infinite, 0 or negative.
+
+    Reads each group's base rate (``initial_lr`` once a scheduler wrapped the optimizer, else
+    ``lr``): a warm-up may start at 0, its base may not. An infinite rate passes torch's own
+    ``0 <= lr`` test and makes every weight non-finite at the first update; 0 trains nothing.
+
+    Raises:
+        ValueError: naming the group, its rate and the config key to fix.
+    """
+    for i, group in enumerate(getattr(optimizer, "param_groups", [])):
+        lr = group.get("initial_lr", group.get("lr"))
+        try:
+            value = float(lr)
+        except (TypeError, ValueError):
+            continue  # not a number: torch refused it already, or a custom optimizer
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"the learning rate of parameter group {i} of {type(optimizer).__name__} is "
+                f"{value:g}: it must be finite and > 0 (inf/nan make every weight non-finite at "
+                "the first update, 0 trains nothing); set "
+                "model.init_args.optimizer.init_args.lr (e.g. lr: 0.001)"
+            )
 
 
 UNTRAINABLE_PRECISIONS = {"cpu": ("16-true",)}
 """Precisions a fit refuses per device type: ``16-true`` keeps the weights and the optimizer
 state in float16 without loss scaling; on the CPU the first Adam step makes them non-finite
 (``eps=1e-8`` is 0 in float16). ``bf16-true`` keeps float32's exponent range and trains."""
+
+
+def check_trainer(trainer: Any, stage: str) -> None:
+    """Trainer settings that Lightning accepts but that break or empty a fit, refused before
+    any step: the same checks at fit start-up (the method's ``setup``) and in a study's
+    preflight (every run, before the first trains).
+
+    Checks the precision (:func:`check_precision`), ``gradient_clip_val`` (finite, >= 0),
+    ``val_check_interval`` (> 0), ``check_val_every_n_epoch`` and ``accumulate_grad_batches``
+    (>= 1). The learning rate is checked with the optimizer (:func:`check_learning_rates`);
+    monitored metric names once the module has logged (:mod:`kd_lightning.callbacks.monitor_check`).
+
+    Raises:
+        ValueError: naming the setting, its value and the value to use.
+    """
+    check_precision(trainer, stage)
+    if stage != "fit":
+        return
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip is not None and not (math.isfinite(float(clip)) and float(clip) >= 0):
+        raise ValueError(
+            f"trainer.gradient_clip_val is {clip}: it must be a finite number >= 0 (the largest "
+            "gradient norm or value kept); use e.g. gradient_clip_val: 1.0, or leave it out "
+            "(null) for no clipping"
+        )
+    interval = getattr(trainer, "val_check_interval", 1.0)
+    if interval is not None and not float(interval) > 0:
+        raise ValueError(
+            f"trainer.val_check_interval is {interval}: give a fraction of an epoch in (0, 1] "
+            "(1.0: validate once per epoch) or a number of training batches >= 1; to skip "
+            "validation set limit_val_batches: 0"
+        )
+    for name, hint in (
+        ("check_val_every_n_epoch", "1: validate every epoch; null: by val_check_interval"),
+        ("accumulate_grad_batches", "1: one optimizer step per batch"),
+    ):
+        value = getattr(trainer, name, 1)
+        if value is not None and not value >= 1:
+            raise ValueError(f"trainer.{name} is {value}: it must be an integer >= 1 ({hint})")
 
 
 def check_precision(trainer: Any, stage: str) -> None:
