@@ -12,7 +12,9 @@ Every fit writes into one folder per run, the folder Lightning's logger gives th
 
 A fit refused before its first optimizer step (a start-up check, a finished checkpoint it would
 replace) leaves no run folder behind (:class:`RemoveRefusedRun`), so a corrected rerun gets the
-same ``version_<N>`` instead of piling up folders that hold only a config.
+same ``version_<N>`` instead of piling up folders that hold only a config. A fit into a folder
+that already holds a run (an explicit logger version) is refused before anything is written,
+unless ``--overwrite``; even then a refused fit puts the earlier files back.
 
 The checkpoint callback is the CLI's default (:func:`install_default_checkpoint`): a config that
 lists its own :class:`~lightning.pytorch.callbacks.ModelCheckpoint` writing elsewhere (the
@@ -107,32 +109,82 @@ class RunFolderConfig(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(True)
 
 
-class RemoveRefusedRun(Callback):
-    """Remove the folders a fit created when it stops before its first optimizer step.
+RUN_RECORDS = ("config.yaml", "metrics.csv", "hparams.yaml", "events.out.tfevents.*")
+"""Files that show a run folder already holds a run (with ``checkpoints/*.ckpt``)."""
 
-    Built before the fit starts (:meth:`before`), when the run folder and the parents it needs
-    do not exist yet (Lightning's logger and :class:`RunFolderConfig` create them during
-    set-up, before the start-up checks). On an exception with ``global_step == 0`` and no
-    checkpoint inside, those folders (config, logs) are removed; a folder that existed before
-    the fit is never touched.
+
+def earlier_records(folder: Path) -> list[Path]:
+    """The records of an earlier run in ``folder`` (empty when there are none)."""
+    found = [p for pattern in RUN_RECORDS for p in sorted(folder.glob(pattern)) if p.is_file()]
+    return found + sorted((folder / "checkpoints").glob("*.ckpt"))
+
+
+class RemoveRefusedRun(Callback):
+    """Keep a fit off an earlier run's folder, and leave no trace of a fit that is refused.
+
+    Built before the fit starts (:meth:`before`), before Lightning's logger and
+    :class:`RunFolderConfig` write anything (the CSV logger deletes an existing
+    ``metrics.csv`` as soon as it starts). A run folder that already holds a run's records
+    (an explicit ``--trainer.logger.init_args.version`` naming a finished run) is refused there,
+    naming the folder and ``--overwrite``. With ``--overwrite`` the earlier top-level files are
+    kept in memory until the first optimizer step. On an exception with ``global_step == 0``
+    the folders the fit created are removed (unless a checkpoint is inside) and the earlier
+    files are put back byte for byte, files the refused run added removed: a refused fit
+    never deletes or rewrites what existed before it.
 
     Args:
         created: the folders the fit will create, deepest first.
+        folder: the run folder.
+        kept: the run folder's top-level files before the fit, by path (``--overwrite``).
     """
 
-    def __init__(self, created: Sequence[Path]) -> None:
+    def __init__(
+        self,
+        created: Sequence[Path],
+        folder: Path | None = None,
+        kept: dict[Path, bytes] | None = None,
+    ) -> None:
         self.created = tuple(created)
+        self.folder = folder
+        self.kept = dict(kept or {})
 
     @classmethod
-    def before(cls, trainer: L.Trainer) -> RemoveRefusedRun:
-        """The callback for ``trainer``'s run folder, called before ``fit`` starts."""
+    def before(cls, trainer: L.Trainer, overwrite: bool = False) -> RemoveRefusedRun:
+        """The callback for ``trainer``'s run folder, called before ``fit`` starts.
+
+        Raises:
+            FileExistsError: the logger's run folder holds an earlier run and not ``overwrite``.
+        """
         folder = run_folder(trainer).absolute()
-        return cls([p for p in (folder, *folder.parents) if not p.exists()])
+        records = earlier_records(folder) if trainer.loggers and folder.is_dir() else []
+        if records and not overwrite:
+            names = ", ".join(p.relative_to(folder).as_posix() for p in records[:4])
+            raise FileExistsError(
+                f"the run folder {str(folder)!r} already holds an earlier run ({names}"
+                f"{' ...' if len(records) > 4 else ''}); this fit would replace its records. "
+                "Nothing was written. Leave out the logger's version for a new version_<N>, "
+                "pass another one, or rerun with --overwrite to replace that run."
+            )
+        kept = {}
+        if records and trainer.is_global_zero:
+            kept = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        return cls([p for p in (folder, *folder.parents) if not p.exists()], folder, kept)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.kept = {}  # trained: the earlier run is replaced, as --overwrite asked
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if not (self.created and trainer.is_global_zero and trainer.global_step == 0):
+        if not (trainer.is_global_zero and trainer.global_step == 0):
+            return
+        if self.kept and self.folder is not None:
+            for path in self.folder.iterdir():
+                if path.is_file() and path not in self.kept:
+                    path.unlink()
+            for path, content in self.kept.items():
+                path.write_bytes(content)
+        if not self.created:
             return
         run = self.created[0]
         if run.is_dir() and not any(run.rglob("*.ckpt")):

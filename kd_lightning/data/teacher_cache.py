@@ -54,7 +54,6 @@ from kd_lightning.container import (
     verify_payload,
 )
 from kd_lightning.data.batch import normalise_batch
-from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_replacing_other_files
 from kd_lightning.data.cache_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -73,6 +72,7 @@ from kd_lightning.data.cache_format import (
     stored_values,
     write_outputs,
 )
+from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_replacing_other_files
 from kd_lightning.digest import file_digest, module_digest, tensor_digest
 
 __all__ = [

@@ -35,16 +35,16 @@ def spellings(path: Path, tmp_path: Path) -> list[str]:
     return [str(path), path.name, str(tmp_path / "sub" / ".." / path.name), str(link)]
 
 
-def test_predict_never_writes_over_the_checkpoint_it_evaluates(
-    checkpoint, tmp_path, monkeypatch
-):
+def test_predict_never_writes_over_the_checkpoint_it_evaluates(checkpoint, tmp_path, monkeypatch):
     before = checkpoint.read_bytes()
     monkeypatch.chdir(tmp_path)
     for spelling in spellings(checkpoint, tmp_path):
         writer = PredictionWriter(path=spelling, overwrite=True)
         run = trainer(tmp_path, callbacks=[writer])
         with pytest.raises(ValueError, match="--ckpt_path") as error:
-            run.predict(Supervised(MLP(hidden_sizes=[8])), DigitsTransferSet(), ckpt_path=checkpoint)
+            run.predict(
+                Supervised(MLP(hidden_sizes=[8])), DigitsTransferSet(), ckpt_path=checkpoint
+            )
         assert "never allows that" in str(error.value) and "--predictions.path" in str(error.value)
         assert checkpoint.read_bytes() == before, spelling
     assert not list(tmp_path.glob(".*partial*"))

@@ -124,9 +124,7 @@ def test_a_trust_opt_in_in_hyper_parameters_is_refused_too(tmp_path):
     assert absent(marker)
 
 
-def test_export_refuses_the_recipe_in_python_and_on_the_command_line(
-    tmp_path, monkeypatch, capsys
-):
+def test_export_refuses_the_recipe_in_python_and_on_the_command_line(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "PWNED"
     for recipe in list(recipes(marker, tmp_path).values())[:3]:
         path = forged(tmp_path, recipe)
