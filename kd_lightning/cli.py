@@ -35,7 +35,6 @@ import argparse
 import inspect
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,12 +44,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from kd_lightning.artifact import read_checkpoint as read_artifact
 from kd_lightning.callbacks.finished_checkpoints import (
     AtomicCheckpointIO,
     KeepFinishedCheckpoints,
 )
 from kd_lightning.callbacks.prediction_writer import PredictionWriter
+from kd_lightning.cli_ckpt_path import (
+    EVALUATING,
+    check_evaluated_checkpoint,
+    refuse_weights_that_do_not_fit,
+)
 from kd_lightning.cli_errors import (
     CLIError,
     quiet_evaluation_noise,
@@ -66,7 +69,6 @@ from kd_lightning.cli_run_files import (
 )
 from kd_lightning.config_specs import record_config_specs
 from kd_lightning.methods import DistillationModule
-from kd_lightning.models.from_checkpoint import is_from_checkpoint_spec
 from kd_lightning.models.spec import _import_class, instantiate_config
 
 PROG = "kd-lightning"
@@ -78,8 +80,6 @@ SUBCOMMANDS = {
     "study": "run configs x seeds, all checked before training, into a results table",
     "export": "write a checkpoint's student as one ONNX file (or a .pt2 program)",
 }
-EVALUATING = ("validate", "test", "predict")
-CKPT_KEYWORDS = ("best", "last", "hpc", "registry")  # Lightning resolves these itself
 INPUT_KEY = "kd_lightning_input"
 """Checkpoint key of :class:`RecordInputShape`: ``{"shape": [per-sample dims], "dtype": str}``."""
 
@@ -111,106 +111,6 @@ def link_num_classes(node: Any, num_classes: int) -> None:
     elif isinstance(node, (list, tuple)):
         for item in node:
             link_num_classes(item, num_classes)
-
-
-# --------------------------------------------------------------------------- checkpoints
-def _canonical(class_path: str | None) -> str | None:
-    """``module.QualName`` where the class is defined (what checkpoints record), else as given."""
-    if not class_path:
-        return None
-    try:
-        cls = _import_class(class_path)
-    except (ImportError, AttributeError, ValueError):
-        return class_path
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _student_spec(model: Any) -> dict[str, Any] | None:
-    if not isinstance(model, Namespace) or not model.get("class_path"):
-        return None
-    try:
-        method = _import_class(model["class_path"])
-    except (ImportError, AttributeError, ValueError):
-        return None
-    # The exported student: the first of ``student_args``, or ``student_arg``.
-    student_arg = (getattr(method, "student_args", None) or (None,))[0] or getattr(
-        method, "student_arg", "student"
-    )
-    spec = (model.get("init_args") or Namespace()).get(student_arg)
-    return spec.as_dict() if isinstance(spec, Namespace) else None
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents, memory-mapped, read with ``weights_only=True`` (naming a file
-    never runs code from it: one that would is refused, naming the risk)."""
-    try:
-        checkpoint = read_artifact(path, "--ckpt_path", mmap=True)
-    except (OSError, ValueError) as err:
-        raise CLIError(f"{err} Pass a .ckpt written by fit.") from err
-    if not isinstance(checkpoint, dict):
-        raise CLIError(f"--ckpt_path {str(path)!r} is not a Lightning checkpoint (no dict).")
-    return checkpoint
-
-
-def check_evaluated_checkpoint(config: Namespace) -> dict[str, Any] | None:
-    """Refuse ``validate``/``test``/``predict`` runs that would evaluate the wrong weights.
-
-    Returns:
-        The checkpoint that will be evaluated (``None`` when there is no file to read).
-
-    Raises:
-        CLIError: no ``--ckpt_path`` (and neither ``--untrained`` nor a ``FromCheckpoint``
-            student), a checkpoint file that does not exist, or one written by another method
-            or student class than the config's.
-    """
-    subcommand = config.get("subcommand")
-    if subcommand == "fit":  # resuming: the file is read here first, so it cannot run code
-        ckpt_path = config["fit"].get("ckpt_path")
-        if ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS:
-            read_checkpoint(Path(ckpt_path))
-        return None
-    if subcommand not in EVALUATING:
-        return None
-    settings = config[subcommand]
-    ckpt_path, model = settings.get("ckpt_path"), settings.get("model")
-    student = _student_spec(model)
-    if ckpt_path is None:
-        if settings.get("untrained") or is_from_checkpoint_spec(student):
-            return None
-        raise CLIError(
-            f"{subcommand} needs trained weights: pass --ckpt_path <the checkpoint fit wrote for "
-            f"this config>. Without it {subcommand} evaluates freshly initialised weights; add "
-            "--untrained to do that on purpose (a chance-level baseline)."
-        )
-    if str(ckpt_path) in CKPT_KEYWORDS:
-        return None
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CLIError(f"--ckpt_path {str(path)!r} does not exist; pass a .ckpt written by fit.")
-    checkpoint = read_checkpoint(path)
-    record = checkpoint.get("kd_lightning")
-    if not isinstance(record, dict):  # not written by kd_lightning: nothing recorded to compare
-        return checkpoint
-    config_method = _canonical(model.get("class_path") if isinstance(model, Namespace) else None)
-    saved_method = _canonical(record.get("method"))
-    saved_spec = record.get("student_spec")
-    saved_student = (
-        _canonical(saved_spec.get("class_path")) if isinstance(saved_spec, dict) else None
-    )
-    config_student = None
-    if student is not None and not is_from_checkpoint_spec(student):
-        config_student = _canonical(student.get("class_path"))
-    method_differs = saved_method and config_method and saved_method != config_method
-    student_differs = saved_student and config_student and saved_student != config_student
-    if method_differs or student_differs:
-        raise CLIError(
-            f"--ckpt_path {str(path)!r} was written by {saved_method} (student "
-            f"{saved_student}), but the config's model is {config_method} (student "
-            f"{config_student}): {subcommand} would report that checkpoint's model as this "
-            "config's. Pass the checkpoint this config's fit wrote, or the config that wrote "
-            f"{path.name}."
-        )
-    return checkpoint
 
 
 class RecordInputShape(Callback):
@@ -355,6 +255,15 @@ class KDLightningCLI(LightningCLI):
 
     def before_validate(self) -> None:
         quiet_evaluation_noise()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as err:  # Lightning restoring --ckpt_path into the built model
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if "Error(s) in loading state_dict" not in str(err) or not ckpt_path:
+                raise
+            refuse_weights_that_do_not_fit(self.model, ckpt_path, err)
 
     before_test = before_predict = before_validate
 
