@@ -222,8 +222,15 @@ def check_targets(target: Any, num_classes: int | None, where: str = "the labels
             f"{where} must be a tensor of class indices, got {type(target).__name__}: return "
             "torch.tensor(label) (or torch.long tensors) from your dataset"
         )
+    if target.dim() == 2 and target.shape[-1] == 1:
+        convert = "" if target.dtype == torch.long else " and convert them with .long()"
+        raise TypeError(
+            f"{where} have shape {tuple(target.shape)} ({target.dtype}); class labels must be "
+            "(B,) class indices, one per sample: squeeze the last dimension (target.squeeze(-1)"
+            f", or return a scalar label per sample from your dataset){convert}"
+        )
     if target.is_floating_point() or target.dtype == torch.bool:
-        if target.dim() == 2 and target.shape[-1] == num_classes:  # a value per class
+        if target.dim() == 2 and target.shape[-1] > 1:  # a value per class
             raise TypeError(
                 f"{where} are one-hot or soft labels ({target.dtype}, shape "
                 f"{tuple(target.shape)}); the library needs class indices: use "
@@ -344,7 +351,8 @@ class TargetGuard:
             raise TypeError(
                 f"{where} have shape {tuple(target.shape)} but the first batch's labels had "
                 f"{self.example_dim} dimension(s): every batch must hold class indices of one "
-                "shape (one-hot labels: use target.argmax(-1))"
+                "shape, (B,) class indices (labels shaped (B, 1): target.squeeze(-1); "
+                "one-hot labels: target.argmax(-1))"
             )
         if num_classes is None or not target.numel():
             return target

@@ -18,11 +18,18 @@ import pickle
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.artifact import load_student, read_checkpoint
+from kd_lightning.data.batch import TargetGuard
+from kd_lightning.methods import OfflineDistillation, Supervised
+from kd_lightning.methods.forward_errors import ExampleForwardError
 from kd_lightning.models import MLP, SmallCNN
-from kd_lightning.teachers import PermutedTeacher, PretrainedTeacher
-from tests.safety.conftest import DIGITS, TINY, run_cli
+from kd_lightning.teachers import FrozenTeacher, PermutedTeacher, PretrainedTeacher
+from tests.safety.conftest import DIGITS, TINY, run_cli, trainer, unchanged, weights
+
+# Plain training loaders without a validation loader: Lightning's note is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
 
 TEACHER_PATH = "--model.init_args.teacher.init_args.checkpoint_path"
 TORCH_ADVICE = ("will likely succeed", "Re-running", "In PyTorch 2.6")  # torch's own advice
@@ -238,3 +245,86 @@ def test_a_file_that_is_not_a_checkpoint_through_the_cli(tmp_path, monkeypatch, 
     ):
         line = _first_line_alone(*run_cli(args, capsys))
         assert expected in line and not any(a in line for a in TORCH_ADVICE), line
+
+
+# --------------------------------------------------------------------------- 3. forward fails
+def _labels(n: int = 64) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+def _loader(inputs: torch.Tensor, target: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(inputs, target), batch_size=16)
+
+
+@pytest.mark.parametrize(
+    ("build", "inputs", "named"),
+    [
+        (lambda: OfflineDistillation(MLP(hidden_sizes=[8]), FrozenTeacher(MLP(hidden_sizes=[8]))),
+         (1, 7, 7), "the student (MLP)"),
+        (lambda: OfflineDistillation(MLP(in_features=49, hidden_sizes=[8]),
+                                     FrozenTeacher(MLP(hidden_sizes=[8]))),
+         (1, 7, 7), "the teacher (FrozenTeacher of MLP)"),
+        (lambda: Supervised(SmallCNN(in_channels=3, width=8)), (1, 8, 8), "the model (SmallCNN)"),
+        (lambda: Supervised(MLP(hidden_sizes=[8])), (3, 8, 8), "the model (MLP)"),
+    ],
+    ids=["student 8x8 given 7x7", "teacher 8x8 given 7x7", "cnn 3 channels given 1", "mlp rgb"],
+)  # fmt: skip
+def test_a_model_that_cannot_run_on_the_data_is_named_with_the_input_shape(
+    tmp_path, build, inputs, named
+):
+    model = build()
+    before = weights(model)
+    fit = trainer(tmp_path)
+    with pytest.raises(ExampleForwardError) as error:
+        fit.fit(model, _loader(torch.randn(64, *inputs), _labels()))
+    message = str(error.value)
+    assert message.startswith(named) and f"(16, {', '.join(map(str, inputs))})" in message
+    assert "input size must match the data" in message
+    assert isinstance(error.value.__cause__, RuntimeError)  # torch's error kept as the cause
+    assert fit.global_step == 0 and unchanged(before, model)
+
+
+def test_a_model_that_cannot_run_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    student = "--model.init_args.model.init_args.in_features=49"
+    args = ["fit", "-c", str(DIGITS / "student_alone.yaml"), *TINY, student]
+    line = _first_line_alone(*run_cli(args, capsys))
+    assert "the model (MLP) cannot run on the data" in line and "(2, 1, 8, 8)" in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# --------------------------------------------------------------------------- 4. label shapes
+@pytest.mark.parametrize(
+    ("build", "target", "fix"),
+    [
+        (lambda: Supervised(MLP(hidden_sizes=[8])), _labels()[:, None], "squeeze the last"),
+        (lambda: OfflineDistillation(MLP(hidden_sizes=[8]), FrozenTeacher(MLP(hidden_sizes=[8]))),
+         _labels()[:, None], "squeeze the last"),
+        (lambda: Supervised(MLP(hidden_sizes=[8]), num_classes=10), _labels()[:, None].float(),
+         "squeeze the last dimension"),
+        (lambda: Supervised(MLP(hidden_sizes=[8])), torch.rand(64, 5), "argmax(-1)"),
+        (lambda: Supervised(MLP(hidden_sizes=[8])),
+         torch.nn.functional.one_hot(_labels(), 10).float(), "argmax(-1)"),
+    ],
+    ids=["(B,1) supervised", "(B,1) offline", "(B,1) float", "(B,5) soft", "(B,10) one-hot"],
+)  # fmt: skip
+def test_labels_that_are_not_b_class_indices_name_the_fix(tmp_path, build, target, fix):
+    model = build()
+    before = weights(model)
+    fit = trainer(tmp_path)
+    with pytest.raises(TypeError) as error:
+        fit.fit(model, _loader(torch.randn(64, 1, 8, 8), target))
+    message = str(error.value)
+    assert fix in message and "0D or 1D target" not in message, message
+    if target.shape[-1] == 1:
+        assert "(B,) class indices" in message and "(16, 1)" in message
+    assert fit.global_step == 0 and unchanged(before, model)
+
+
+def test_a_later_batch_of_b_1_labels_names_the_squeeze():
+    guard = TargetGuard()
+    guard.expect(_labels(16))
+    with pytest.raises(TypeError, match=r"\(B, 1\): target.squeeze\(-1\)"):
+        guard.screen(_labels(16)[:, None], 10, batch_idx=3, stage="train")
+    with pytest.raises(TypeError, match=r"one-hot labels: target.argmax\(-1\)"):
+        guard.screen(torch.nn.functional.one_hot(_labels(16), 10), 10, batch_idx=4, stage="train")
