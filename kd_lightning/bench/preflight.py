@@ -29,7 +29,8 @@ from kd_lightning.bench.evaluate import implements
 from kd_lightning.bench.plan import CHECKPOINT_NAME, PlannedRun, digest, set_dotted
 from kd_lightning.bench.run import build_config, quiet_lightning, root_message, write_config
 from kd_lightning.bench.study_file import StudyError
-from kd_lightning.methods.checks import check_teacher_cache, check_trainer
+from kd_lightning.callbacks.monitor_check import monitored, refusal, unknown_monitors
+from kd_lightning.methods.checks import check_teacher_cache, check_trainer, untouched
 
 
 class PreflightError(StudyError):
@@ -136,6 +137,47 @@ def startup_checks(
         module.validate_setup(example)
 
 
+def validation_names(module: Any, example: dict[str, Any], trainer: Any) -> set[str] | None:
+    """The metric names ``module`` logs in a validation step on ``example`` (its ``log`` and
+    ``log_dict`` recorded, not run; every state restored); ``None`` when the step cannot run
+    outside a fit, or the module also logs at the end of a validation epoch (names not seen
+    here): the run's own :class:`~kd_lightning.callbacks.monitor_check.MonitorCheck` then
+    judges its monitors when it starts."""
+    if not callable(getattr(module, "validation_step", None)):
+        return None
+    if type(module).on_validation_epoch_end is not LightningModule.on_validation_epoch_end:
+        return None
+    names: set[str] = set()
+
+    def log(name: str, *args: Any, **kwargs: Any) -> None:
+        names.add(name)
+
+    def log_dict(values: Any, *args: Any, **kwargs: Any) -> None:
+        names.update(str(k) for k in dict(values.items()))
+
+    module.log, module.log_dict = log, log_dict  # instance attributes shadow the methods
+    try:
+        with attached(module, trainer), untouched(module):
+            module.validation_step(example, 0)
+    except Exception:  # noqa: BLE001 - a step that needs a running fit: judged at run time
+        return None
+    finally:
+        del module.log, module.log_dict
+    return names
+
+
+def check_monitors(module: Any, example: dict[str, Any], trainer: Any) -> None:
+    """Refuse a monitored ``val/...`` name that the run's validation step does not log (the
+    judgement :class:`~kd_lightning.callbacks.monitor_check.MonitorCheck` makes after a fit's
+    sanity check; names logged only in training are judged when the run trains)."""
+    monitors = monitored(trainer)
+    names = validation_names(module, example, trainer) if monitors else None
+    if names:
+        refused = unknown_monitors(monitors, names, final=False)
+        if refused:
+            raise refusal(refused, names, "in the preflight, before any run trains")
+
+
 def refuse_several_processes(trainer: Any) -> None:
     """A study runs each run inside its own process, on one device: refuse more.
 
@@ -193,6 +235,7 @@ def _check_one(
     check_trainer(cli.trainer, "fit")  # the checks a fit makes at start-up
     example = example_batch(cli.datamodule)
     startup_checks(cli.model, cli.datamodule, example, cli.trainer)
+    check_monitors(cli.model, example, cli.trainer)
     if not implements(cli.datamodule, "test_dataloader"):
         raise ValueError(
             f"{type(cli.datamodule).__name__} has no test_dataloader(); a study reports test "

@@ -18,7 +18,9 @@ When each name is judged:
   without a stage prefix, which exist only once an epoch of training has logged them.
 
 A name whose stage has logged nothing yet (``val/acc`` in a run without validation) is not
-judged: Lightning itself only warns there. Only ``fit`` is checked.
+judged: Lightning itself only warns there. Only ``fit`` is checked. A study's preflight makes
+the first judgement for every run before any trains, on the names the run's validation step
+logs on its example batch (:func:`kd_lightning.bench.preflight.check_monitors`).
 """
 
 from __future__ import annotations

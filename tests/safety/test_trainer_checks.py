@@ -161,3 +161,35 @@ def test_a_study_refuses_a_bad_trainer_setting_of_its_third_run_before_the_first
     assert "'third'" in message and sentence in message and "nothing has trained" in message
     assert "'first'" not in message and "'second'" not in message
     assert not list(Path(tmp_path / "out").rglob("*.ckpt"))
+
+
+ES = "lightning.pytorch.callbacks.EarlyStopping"
+
+
+@pytest.mark.parametrize(
+    ("callback", "nearest"),
+    [
+        ({"class_path": ES, "init_args": {"monitor": "val/los"}}, "'val/loss'"),
+        # a study keeps its own ModelCheckpoint (the config's are dropped): EarlyStopping here
+        ({"class_path": ES, "init_args": {"monitor": "val/accuracy", "mode": "max"}}, "'val/acc'"),
+        ({"class_path": ES, "init_args": {"monitor": "val/loss_kd"}}, "'val/loss'"),
+    ],
+    ids=["los", "accuracy", "a term the run does not have"],
+)
+def test_a_study_refuses_a_monitor_of_its_third_run_that_is_never_logged(
+    tmp_path, callback, nearest
+):
+    runs = [
+        {"name": "first", "config": ALONE, "overrides": TINY},
+        {"name": "second", "config": ALONE, "overrides": {**TINY, "trainer.max_epochs": 2}},
+        {"name": "third", "config": ALONE, "overrides": {**TINY, "trainer.callbacks": [callback]}},
+    ]
+    spec = {"name": "late", "seeds": [0], "output_dir": str(tmp_path / "out"), "runs": runs}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(PreflightError) as error:
+        run_study(path, echo=False)
+    message = str(error.value)
+    assert "'third'" in message and "which this run never logs" in message
+    assert f"nearest: [{nearest}" in message and "'first'" not in message
+    assert not list(Path(tmp_path / "out").rglob("*.ckpt"))
