@@ -39,6 +39,7 @@ from kd_lightning.losses import (
     soft_target,
     sparse_soft_target,
     token,
+    token_sparse,
     transformer,
 )
 from kd_lightning.methods import OfflineDistillation
@@ -94,6 +95,8 @@ CATALOGUE: dict[str, Entry] = {
     "TokenTotalVariationLoss": (lambda: token.TokenTotalVariationLoss(crop_vocab=True), {}),
     "FusedLinearTokenDistillationLoss": (
         lambda: token.FusedLinearTokenDistillationLoss(objective="reverse_kl", chunk_size=3), {}),
+    "SparseTokenDistillationLoss": (lambda: token_sparse.SparseTokenDistillationLoss(
+        objective="reverse_kl", temperature=2.0, topk=3, shift=False), {"teacher": "topk"}),
     "HiddenStateMSELoss": (lambda: transformer.HiddenStateMSELoss(16, 32), HIDDEN),
     "HiddenStateCosineLoss": (transformer.HiddenStateCosineLoss, HIDDEN),
     "AttentionMapLoss": (lambda: transformer.AttentionMapLoss("kl"), HIDDEN),
