@@ -73,6 +73,8 @@ def file_format(path: str | Path) -> str:
     try:
         text = head.decode("utf-8").strip()
     except UnicodeDecodeError:
+        text = "\x00"
+    if any(ord(c) < 32 and c not in "\t\r\n" for c in text):  # control bytes: not text
         return "a binary file of another format"
     first = text.splitlines()[0][:30] if text else ""
     return f"a text file (it starts with {first!r}; a YAML config?)"
@@ -127,8 +129,9 @@ def read_checkpoint(
     kind = file_format(path)
     if kind not in ("zip", "pickle"):
         raise ValueError(
-            f"{what} {str(path)!r} is not a PyTorch checkpoint: it is {kind}, not the zip "
-            "archive (or pickle) that torch.save and Lightning write. Pass the .ckpt file that "
+            f"{what} {str(path)!r} is not a readable checkpoint: it is {kind}, not a PyTorch "
+            "checkpoint (the zip archive, or older pickle, that torch.save and Lightning write). "
+            "Pass the .ckpt file that "
             "fit wrote (runs/<data>/<method>/version_N/checkpoints/*.ckpt), not a config or "
             "another file."
         )
@@ -150,7 +153,8 @@ def read_checkpoint(
             else "a Python pickle but not a PyTorch checkpoint (torch.save writes one)"
         )
         raise ValueError(
-            f"{what} {str(path)!r} is {what_it_is}: torch cannot read it ({type(err).__name__}: "
+            f"{what} {str(path)!r} is not a readable checkpoint: it is {what_it_is}; torch "
+            f"cannot read it ({type(err).__name__}: "
             f"{_torch_reason(text)}). Re-create it with fit (or torch.save), or check the path."
         ) from None
     return loaded

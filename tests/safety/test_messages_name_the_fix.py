@@ -203,23 +203,25 @@ def _files(tmp_path) -> dict[str, tuple[object, str]]:
         os.urandom(256).replace(b"\x80", b"\x00").replace(b"PK", b"pk")
     )
     (tmp_path / "notes.txt").write_text("accuracy 0.97\n")
+    (tmp_path / "nul.ckpt").write_bytes(b"\x00not a checkpoint" * 10)  # UTF-8, but not text
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
     torch.save({"state_dict": {"w": torch.ones(3)}}, tmp_path / "whole.ckpt")
     whole = (tmp_path / "whole.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
     torch.save({"args": _NotPlain(lr=1.0)}, tmp_path / "objects.ckpt")
     return {
-        "yaml": (DIGITS / "teacher.yaml", "is not a PyTorch checkpoint: it is a text file"),
-        "empty": (tmp_path / "empty.ckpt", "is not a PyTorch checkpoint: it is an empty file"),
-        "random": (tmp_path / "random.ckpt", "is not a PyTorch checkpoint: it is a binary file"),
-        "text": (tmp_path / "notes.txt", "is not a PyTorch checkpoint: it is a text file"),
-        "pickle": (tmp_path / "plain.pkl", "is a Python pickle but not a PyTorch checkpoint"),
-        "truncated": (tmp_path / "truncated.ckpt", "is a zip archive but not a complete"),
+        "yaml": (DIGITS / "teacher.yaml", "is not a readable checkpoint: it is a text file"),
+        "empty": (tmp_path / "empty.ckpt", "is not a readable checkpoint: it is an empty file"),
+        "random": (tmp_path / "random.ckpt", "is not a readable checkpoint: it is a binary file"),
+        "nul": (tmp_path / "nul.ckpt", "is not a readable checkpoint: it is a binary file"),
+        "text": (tmp_path / "notes.txt", "is not a readable checkpoint: it is a text file"),
+        "pickle": (tmp_path / "plain.pkl", "it is a Python pickle but not a PyTorch checkpoint"),
+        "truncated": (tmp_path / "truncated.ckpt", "it is a zip archive but not a complete"),
         "objects": (tmp_path / "objects.ckpt", "trust_pickled_code=True"),
     }  # fmt: skip
 
 
-FILES = ["yaml", "empty", "random", "text", "pickle", "truncated", "objects"]
+FILES = ["yaml", "empty", "random", "nul", "text", "pickle", "truncated", "objects"]
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch reading plain.pkl
