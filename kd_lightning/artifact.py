@@ -216,12 +216,14 @@ def load_state_into(
     from kd_lightning.compression.loading import load_compressed_state_dict, prepare_for_state_dict
 
     prepared = prepare_for_state_dict(model, state, compression, module_path=module_path)
-    problems = weights_mismatch(prepared.state_dict(), state)
-    if problems is None:
-        try:
-            return load_compressed_state_dict(prepared, state, compression, module_path=module_path)
-        except RuntimeError as err:  # a clash the comparison cannot see: torch's last line
-            problems = str(err).splitlines()[-1].strip()
+    own = prepared.state_dict()
+    try:
+        # Loading decides what fits: some buffers take the saved shape on load (fake-quant
+        # scales and zero points are (1,) until per-channel weights arrive), so shapes are only
+        # compared to word the error once torch has refused.
+        return load_compressed_state_dict(prepared, state, compression, module_path=module_path)
+    except RuntimeError as err:
+        problems = weights_mismatch(own, state) or str(err).splitlines()[-1].strip()
     raise ValueError(
         f"the weights in {source} do not fit a {type(model).__name__} ({problems}): "
         + (fix or "build the model with the architecture and arguments that were trained")
