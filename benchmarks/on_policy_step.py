@@ -13,7 +13,9 @@ one full training step (``training_step`` + backward + AdamW step) of
 Defaults are the sizes of ``experiments/text/onpolicy_*.yaml`` (student GPT-2 2 x 128, teacher
 4 x 264, vocabulary 4096, 16 blocks of 128 tokens, prompts of 64, 64 new tokens) with random
 weights (time does not depend on them). Prints min / median / max per step and the ratio of
-the medians; a GKD run with ``lmbda`` spends about ``lmbda * (b) + (1 - lmbda) * (a)`` per step.
+the medians, in CPU seconds of this process (``time.process_time``: with one thread, the
+compute a step costs, little affected by other jobs on a shared machine) and in wall seconds.
+A GKD run with ``lmbda`` spends about ``lmbda * (b) + (1 - lmbda) * (a)`` per step.
 
     python benchmarks/on_policy_step.py [--steps 6] [--threads 1]
 """
@@ -51,12 +53,15 @@ def method(
     return module, torch.optim.AdamW(module.trainable_parameters(), lr=1e-3)
 
 
-def step(module: OnPolicyDistillation, optimizer: torch.optim.Optimizer, batch: dict) -> float:
-    start = time.perf_counter()
+def step(
+    module: OnPolicyDistillation, optimizer: torch.optim.Optimizer, batch: dict
+) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one training step."""
+    cpu, wall = time.process_time(), time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     module.training_step(batch, 0).backward()
     optimizer.step()
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def main() -> None:
@@ -79,19 +84,26 @@ def main() -> None:
     runs = {"supervised": method(args, 0.0), "on_policy": method(args, 1.0)}
     for module, _ in runs.values():
         module.check_example(batch)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[tuple[str, str], list[float]] = {
+        (name, clock): [] for name in runs for clock in ("cpu", "wall")
+    }
     for i in range(args.steps + 1):
         for name, (module, optimizer) in runs.items():
-            elapsed = step(module, optimizer, batch)
+            cpu, wall = step(module, optimizer, batch)
             if i > 0:  # the first step of each is a warm-up
-                times[name].append(elapsed)
+                times[name, "cpu"].append(cpu)
+                times[name, "wall"].append(wall)
     print(f"threads={args.threads} batch={args.batch} block={args.block} vocab={args.vocab} "
           f"prompt={args.prompt_length} new={args.max_new_tokens} steps={args.steps}")  # fmt: skip
-    print(f"{'step':<12}{'min s':>8}{'median s':>10}{'max s':>8}")
-    for name, values in times.items():
-        print(f"{name:<12}{min(values):>8.3f}{statistics.median(values):>10.3f}{max(values):>8.3f}")
-    ratio = statistics.median(times["on_policy"]) / statistics.median(times["supervised"])
-    print(f"on_policy / supervised (medians): {ratio:.2f}")
+    print(f"{'step':<12}{'clock':<6}{'min s':>8}{'median s':>10}{'max s':>8}")
+    for (name, clock), values in times.items():
+        low, mid, high = min(values), statistics.median(values), max(values)
+        print(f"{name:<12}{clock:<6}{low:>8.3f}{mid:>10.3f}{high:>8.3f}")
+    for clock in ("cpu", "wall"):
+        ratio = statistics.median(times["on_policy", clock]) / statistics.median(
+            times["supervised", clock]
+        )
+        print(f"on_policy / supervised ({clock} medians): {ratio:.2f}")
 
 
 if __name__ == "__main__":
