@@ -106,31 +106,33 @@ class NonFiniteGuard:
             f"weights is written. {CAUSES}"
         )
 
-    def _terms(self, names: list[str], flags: torch.Tensor) -> str:
-        """The terms that went non-finite, and those whose weighted value overflowed."""
+    def _terms(self, names: list[str], flags: torch.Tensor) -> tuple[str, bool]:
+        """The terms that went non-finite, and those whose weighted value overflowed; True
+        when only weights overflowed (the cause is then named, not guessed)."""
         raw, weighted = flags[: len(names)].tolist(), flags[len(names) :].tolist()
         bad = [n for n, f in zip(names, raw, strict=True) if f and n != "loss"]
         over = [
             n for n, f, w in zip(names, raw, weighted, strict=True) if w and not f and n != "loss"
         ]
         if not bad and not over:
-            return f"{['loss']} (each term's weighted value is finite: their sum overflowed)"
+            return f"{['loss']} (each term's weighted value is finite: their sum overflowed)", False
         note = "".join(
             f"; term {n!r} is finite but weight x value overflows the float range (weight "
             f"{self.weights.get(n, 1.0):g}): give it a smaller weight"
             for n in over
         )
-        return f"{bad + over}{note}"
+        return f"{bad + over}{note}", not bad
 
     def raise_if_evaluation_tripped(self) -> None:
         """Refuse a non-finite validation or test loss (read once per evaluation)."""
         for stage, (names, flags) in self.evaluation.items():
             if bool(flags.any()):
                 split = {"val": "validation"}.get(stage, stage)
+                terms, weights_only = self._terms(names, flags)
+                causes = "" if weights_only else " " + EVAL_CAUSES.format(split=split)
                 raise NonFiniteTraining(
-                    f"the {split} loss became non-finite in term(s) {self._terms(names, flags)}"
-                    f"; the run stops and no checkpoint is written. "
-                    + EVAL_CAUSES.format(split=split)
+                    f"the {split} loss became non-finite in term(s) {terms}; the run stops and "
+                    f"no checkpoint is written.{causes}"
                 )
 
     def raise_if_tripped(self, step: int | None = None) -> None:
@@ -138,10 +140,11 @@ class NonFiniteGuard:
             guard.raise_if_tripped()
         if self.flags is not None and bool(self.flags.any()):
             where = f" by step {step}" if step is not None else ""
+            terms, weights_only = self._terms(self.names, self.flags)
             raise NonFiniteTraining(
-                f"the training loss became non-finite{where} in term(s) "
-                f"{self._terms(self.names, self.flags)}; the run stops and no checkpoint of "
-                f"these weights is written. {CAUSES}"
+                f"the training loss became non-finite{where} in term(s) {terms}; the run stops "
+                "and no checkpoint of these weights is written."
+                + ("" if weights_only else f" {CAUSES}")
             )
         self.raise_if_evaluation_tripped()
 

@@ -160,6 +160,7 @@ def test_a_weight_that_overflows_names_its_term_and_the_weight(weights_by_term, 
     assert f"term(s) ['{named}']" in message
     assert f"term '{named}' is finite but weight x value overflows" in message
     assert f"{weights_by_term[named]:g}" in message
+    assert "likely causes" not in message  # the cause is known: the weight, not the data
 
 
 def test_terms_each_finite_whose_sum_overflows_say_so():
@@ -175,3 +176,9 @@ def test_fit_with_an_overflowing_weight_names_the_term(tmp_path):
     module = OfflineDistillation(MLP(hidden_sizes=[8]), FrozenTeacher(MLP()), loss_terms=terms)
     with pytest.raises(NonFiniteTraining, match=r"term\(s\) \['kd'\].*weight 1e\+39"):
         trainer(tmp_path, limit_val_batches=0).fit(module, DigitsTransferSet(batch_size=32))
+    # with validation, the sanity check already stops it (before any step), naming the term
+    module = OfflineDistillation(MLP(hidden_sizes=[8]), FrozenTeacher(MLP()), loss_terms=terms)
+    before = weights(module)
+    with pytest.raises(NonFiniteTraining, match=r"validation loss.*\['kd'\].*weight 1e\+39"):
+        trainer(tmp_path).fit(module, DigitsTransferSet(batch_size=32))
+    assert unchanged(before, module)
