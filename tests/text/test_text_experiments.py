@@ -165,7 +165,22 @@ def test_lm_student_alone(lm_teacher, workdir):
     assert losses[-1] < losses[0] and metrics["val/perplexity"]
 
 
+def test_lm_student_from_a_topk_cache(lm_teacher, workdir):
+    _, minilm, corpus = workdir
+    metrics = _fit("lm_topk64", minilm, corpus)
+    assert Path("runs/text/lm_teacher_top64.kdtc").is_file()  # built once, from the teacher
+    kd = metrics["train/loss_kd_step"]
+    assert kd and all(math.isfinite(v) and v >= 0 for v in kd)
+    assert metrics["val/perplexity"] and math.isfinite(metrics["val/perplexity"][-1])
+
+
 def test_every_text_config_has_a_slice_test():
     tested = {"bbc_teacher", "bbc_minilm3_alone", "bbc_minilm3_distil", "bbc_minilm3_tinybert",
-              "lm_teacher", "lm_student_alone", "lm_forward_kl", "lm_reverse_kl", "lm_jsd"}  # fmt: skip
-    assert {p.stem for p in ROOT.glob("*.yaml")} == tested
+              "lm_teacher", "lm_student_alone", "lm_forward_kl", "lm_reverse_kl", "lm_jsd",
+              "lm_topk64",
+              "bbc_textcnn_alone", "bbc_textcnn_distil",
+              "onpolicy_gkd", "onpolicy_supervised_kd", "onpolicy_student_alone", "seqkd"}  # fmt: skip
+    # (the bbc_textcnn_* slices run in tests/text/test_text_cnn.py, the onpolicy_* and seqkd
+    # slices in tests/text/test_on_policy_configs.py)
+    studies = {p.stem for p in ROOT.glob("*_study.yaml")}  # study files, not fit configs
+    assert {p.stem for p in ROOT.glob("*.yaml")} - studies == tested
