@@ -3,7 +3,7 @@
 from kd_lightning.methods.base import DistillationModule, default_optimizer
 from kd_lightning.methods.data_free import DataFreeDistillation
 from kd_lightning.methods.offline import BornAgain, OfflineDistillation, hinton_loss_terms
-from kd_lightning.methods.on_policy import OnPolicyDistillation  # noqa: F401 (see the end)
+from kd_lightning.methods.on_policy import OnPolicyDistillation
 from kd_lightning.methods.online import MutualDistillation
 from kd_lightning.methods.progressive import ProgressiveDistillation
 from kd_lightning.methods.self_distillation import BranchSelfDistillation, MeanTeacherDistillation
@@ -21,11 +21,10 @@ __all__ = [
     "MeanTeacherDistillation",
     "MutualDistillation",
     "OfflineDistillation",
+    "OnPolicyDistillation",
     "PSKD",
     "ProgressiveDistillation",
     "Supervised",
     "default_optimizer",
     "hinton_loss_terms",
 ]
-# OnPolicyDistillation is importable here but not in __all__: tests/bench/test_preflight_every_
-# method.py runs every __all__ method on the digits data, which a causal-LM-only method cannot.

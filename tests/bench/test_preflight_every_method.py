@@ -29,13 +29,27 @@ from tests.conftest import fast_trainer
 DIGITS = Path(__file__).resolve().parents[2] / "experiments" / "digits"
 
 
+# Methods that only make sense for causal language models (they generate text) have no digits
+# row; each must have a config in experiments/text/ instead, slice-tested through `fit`
+# (tests/text/test_on_policy_configs.py).
+LANGUAGE_MODEL_ONLY = {methods.OnPolicyDistillation: "onpolicy_gkd.yaml"}
+
+
 def _method_classes() -> list[type]:
-    """Every concrete method exported by kd_lightning.methods (the base class excluded)."""
+    """Every concrete method exported by kd_lightning.methods (base class and LM-only excluded)."""
     found = [getattr(methods, name) for name in methods.__all__]
     return [
         c for c in found
         if inspect.isclass(c) and issubclass(c, DistillationModule) and c is not DistillationModule
+        and c not in LANGUAGE_MODEL_ONLY
     ]  # fmt: skip
+
+
+def test_language_model_only_methods_have_a_text_config():
+    text = DIGITS.parent / "text"
+    for method, config in LANGUAGE_MODEL_ONLY.items():
+        spec = yaml.safe_load((text / config).read_text())
+        assert spec["model"]["class_path"].endswith(method.__name__)
 
 
 def _resolve(class_path: str) -> type:
