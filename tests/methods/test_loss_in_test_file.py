@@ -55,6 +55,7 @@ def _model(paradigm: str, ckpt: Path) -> dict:
     config = yaml.safe_load((ROOT / "experiments/digits/data_free_deepinversion.yaml").read_text())
     model = config["model"]
     model["init_args"].update(teacher=_teacher(ckpt), num_samples=16, loss_terms=[term])
+    model["init_args"].pop("temperature", None)  # builds the default objective only: refused
     model["init_args"]["synthesiser"]["init_args"].update(steps=1, batch_size=16)
     return model  # fmt: skip
 
