@@ -148,6 +148,10 @@ def test_config_runs_one_step_on_synthetic_cifar(run, random_teachers, tmp_path)
     for dep in run.needs.values():
         _set_key(config, "checkpoint_path", str(random_teachers[dep.split(".", 1)[1]]))
     _set_key(config, "n_data", SYNTHETIC_TRAIN)  # CRD's memory bank: one row per training image
+    # One step on noise with random teachers checks the wiring, not the protocol's learning rate:
+    # at lr 0.05, FitNets' x100 hint between random networks can break the weights in one step
+    # (the non-finite guard then stops the run, as it should).
+    _set_key(config, "lr", 1.0e-4)
     config["data"] = {
         "class_path": "kd_lightning.data.SyntheticTransferSet",
         "init_args": {
