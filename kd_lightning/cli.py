@@ -69,7 +69,7 @@ from kd_lightning.cli_run_files import (
 )
 from kd_lightning.config_specs import record_config_specs
 from kd_lightning.methods import DistillationModule
-from kd_lightning.models.spec import _import_class, instantiate_config
+from kd_lightning.models.spec import _import_class, instantiate_config, refuse_trust_opt_ins
 
 PROG = "kd-lightning"
 SUBCOMMANDS = {
@@ -196,6 +196,9 @@ class KDLightningCLI(LightningCLI):
         checkpoint, self._evaluated = getattr(self, "_evaluated", None), None
         hparams = dict(checkpoint.get("hyper_parameters") or {}) if checkpoint else {}
         hparams.pop("_instantiator", None)
+        # A checkpoint's settings become the model's arguments: a file may not opt in to
+        # trusting code (jsonargparse checks each class_path against its declared type).
+        refuse_trust_opt_ins(hparams, "refused the hyperparameters of --ckpt_path: ")
         if not hparams:
             super()._parse_ckpt_path()
             return

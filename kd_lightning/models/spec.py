@@ -162,6 +162,36 @@ _REFUSAL = (
 )
 
 
+def trust_opt_ins(tree: Any, where: str = "") -> list[str]:
+    """Where a (nested) dict/list sets one of :data:`OPT_INS` to a true value, at any depth
+    (e.g. ``config.trust_remote_code`` inside a Hugging Face model's ``config`` dict)."""
+    found: list[str] = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key in OPT_INS and value:
+                found.append(path)
+            found += trust_opt_ins(value, path)
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            found += trust_opt_ins(value, f"{where}[{index}]")
+    return found
+
+
+def refuse_trust_opt_ins(tree: Any, context: str = "") -> None:
+    """Refuse settings read from a file that set a trust opt-in anywhere in ``tree``.
+
+    Raises:
+        UnsafeSpecError: naming the first such setting.
+    """
+    found = trust_opt_ins(tree)
+    if found:
+        raise UnsafeSpecError(
+            f"{context}{found[0]}=true taken from a file: only you can opt in to trusting "
+            f"code, in your own call or config. {_REFUSAL}"
+        )
+
+
 def _allowed(obj: Any) -> bool:
     names = {f"{c.__module__}.{c.__qualname__}" for c in inspect.getmro(obj)}
     return any(name in names for name in ALLOWED_BASES)
@@ -191,12 +221,7 @@ def _plan(spec: Any, checked: bool) -> Any:
                     f"refused to build {class_path!r}: the class is not a torch.nn.Module, "
                     f"Schedule or InputSynthesiser. {_REFUSAL}"
                 )
-            opted = [k for k in OPT_INS if init_args.get(k)]
-            if opted:
-                raise UnsafeSpecError(
-                    f"refused to build {class_path!r} with {opted[0]}=true taken from a file: "
-                    f"only you can opt in to trusting code, in your own call or config. {_REFUSAL}"
-                )
+            refuse_trust_opt_ins(init_args, f"refused to build {class_path!r}: ")
         return (target, {k: _plan(v, checked) for k, v in init_args.items()})
     if isinstance(spec, list):
         return [_plan(v, checked) for v in spec]

@@ -163,3 +163,57 @@ def test_every_allowed_kind_our_checkpoints_record_still_builds():
     )
     assert type(synthesiser).__name__ == "DeepInversion"
     assert instantiate([{"class_path": "torch.nn.ReLU"}, 3]).__len__() == 2
+
+
+# A trust opt-in may hide at any depth of a recorded spec or of a checkpoint's hyperparameters
+# (a Hugging Face model's `config` dict, a teacher spec inside the method's arguments).
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"class_path": "kd_lightning.models.HFModel",
+         "init_args": {"model_type": "gpt2", "config": {"trust_remote_code": True}}},
+        {"class_path": "kd_lightning.models.MLP",
+         "init_args": {"hidden_sizes": [8], "extra": [{"deep": {"trust_pickled_code": 1}}]}},
+        {"class_path": "kd_lightning.teachers.PretrainedTeacher",
+         "init_args": {"checkpoint_path": "x.ckpt", "trust_pickled_code": True}},
+    ],
+    ids=["hf-config", "nested-list", "teacher"],
+)
+def test_a_trust_opt_in_at_any_depth_of_a_recorded_spec_is_refused(tree):
+    from kd_lightning.models.spec import UnsafeSpecError, instantiate
+
+    with pytest.raises(UnsafeSpecError, match="trust"):
+        instantiate(tree)
+
+
+def test_cli_refuses_a_trust_opt_in_in_the_hyperparameters_of_ckpt_path(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from kd_lightning.models import MLP
+
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"student.{k}": v for k, v in MLP().state_dict().items()},
+            "hyper_parameters": {
+                "student": {"class_path": "kd_lightning.models.MLP", "init_args": {}},
+                "teacher": {"class_path": "kd_lightning.teachers.PretrainedTeacher",
+                            "init_args": {"checkpoint_path": str(tmp_path / "pick.ckpt"),
+                                          "trust_pickled_code": True}},
+            },
+        },
+        ckpt,
+    )  # fmt: skip
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-m", "kd_lightning", "test", "-c",
+         str(root / "experiments/digits/hinton_kd.yaml"), f"--ckpt_path={ckpt}",
+         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0 and not marker.exists()
+    assert "trust_pickled_code=true taken from a file" in out.stderr, out.stderr[-2000:]
