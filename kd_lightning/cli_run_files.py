@@ -156,6 +156,8 @@ class RemoveRefusedRun(Callback):
             FileExistsError: the logger's run folder holds an earlier run and not ``overwrite``.
         """
         folder = run_folder(trainer).absolute()
+        if not folder.exists():  # `name: y/../run` with no `y` yet: the logger makes `y`, so
+            folder = Path(os.path.normpath(folder))  # the folder it writes is the lexical one
         records = earlier_records(folder) if trainer.loggers and folder.is_dir() else []
         if records and not overwrite:
             names = ", ".join(p.relative_to(folder).as_posix() for p in records[:4])

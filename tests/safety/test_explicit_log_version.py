@@ -87,3 +87,19 @@ def test_a_new_version_or_an_explicit_overwrite_still_runs(tmp_path, monkeypatch
     code, err = run_cli([*CONFIG, *replace], capsys)
     assert code == 0, err
     assert (folder / "metrics.csv").read_bytes() != before["metrics.csv"]
+
+
+def test_a_logger_name_through_a_missing_folder_cannot_reach_a_finished_run(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    folder = finished(tmp_path, "0")
+    before = snapshot(folder)
+    for detour in ("y/../student_alone", "a/b/../../student_alone"):
+        code, err = run_cli(
+            [*CONFIG, f"--trainer.logger.init_args.name={detour}",
+             "--trainer.logger.init_args.version=0"], capsys,
+        )  # fmt: skip
+        assert code == 2, err
+        assert "--overwrite" in err.strip().splitlines()[0]
+        assert snapshot(folder) == before, detour
