@@ -21,7 +21,9 @@ def test_readme_tables_start_with_the_core_study():
     blocks = docs_tables.parse_blocks((ROOT / "README.md").read_text())
     assert blocks and blocks[0].source == CORE_CSV
     for block in blocks:  # every README table comes from a committed study
-        assert (ROOT / block.source).is_file() and (ROOT / block.source).with_suffix(".md").is_file()
+        assert (ROOT / block.source).is_file() and (ROOT / block.source).with_suffix(
+            ".md"
+        ).is_file()
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -301,8 +301,11 @@ def run_study(
             if reference_dir is not None and (reference_dir / CHECKPOINT_NAME).is_file():
                 reference = load_student(reference_dir / CHECKPOINT_NAME)
             else:
-                say(f"{prefix}: no finished {source!r} (seed {seed}): agreement left empty; "
-                    f"run it (e.g. --only {source} {run.name}) to fill it", flush=True)
+                say(
+                    f"{prefix}: no finished {source!r} (seed {seed}): agreement left empty; "
+                    f"run it (e.g. --only {source} {run.name}) to fill it",
+                    flush=True,
+                )
                 source = None
         student = module.student
         best_student = snapshot.best_student(student)

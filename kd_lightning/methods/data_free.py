@@ -89,10 +89,12 @@ class DataFreeDistillation(DistillationModule):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        refuse_ignored({"temperature": temperature, "hard_label_weight": hard_label_weight},
-                       loss_terms)
+        refuse_ignored(
+            {"temperature": temperature, "hard_label_weight": hard_label_weight}, loss_terms
+        )
         temperature = positive(
-            "temperature", 4.0 if temperature is None else temperature,
+            "temperature",
+            4.0 if temperature is None else temperature,
             "Use e.g. temperature: 4.0",
         )
         hard_label_weight = non_negative(

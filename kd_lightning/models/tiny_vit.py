@@ -78,7 +78,9 @@ class TinyViT(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+            raise ValueError(
+                f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})"
+            )
         self.num_classes = num_classes
         self.image_size = image_size
         tokens = (image_size // patch_size) ** 2
@@ -93,5 +95,7 @@ class TinyViT(nn.Module):
         if x.dim() == 2:  # flat 8x8 digits
             x = x.view(x.shape[0], 1, self.image_size, self.image_size)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        tokens = (
+            torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        )
         return self.classifier(self.norm(self.blocks(tokens))[:, 0])

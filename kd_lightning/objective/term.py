@@ -19,6 +19,8 @@ from torch import nn
 from kd_lightning.models.spec import records_init_args
 from kd_lightning.objective.schedule import LinearWarmup, Progress, Schedule, StartAt
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
 LOGITS = "logits"
 """Source name of the side's own output logits (``student`` or ``teacher``)."""
 TOPK = "topk"
@@ -109,6 +111,12 @@ class LossTerm(nn.Module):
             raise ValueError(
                 f"weight of a loss term must be >= 0, got {weight} (term {term!r}); give a "
                 "finite number >= 0"
+            )
+        if 0 < weight < _FLOAT32_TINY:
+            raise ValueError(
+                f"weight of a loss term is {weight} (term {term!r}): below {_FLOAT32_TINY:.3g}, "
+                "the smallest normal float32, so the weighted loss rounds to 0 and the term "
+                "trains nothing; give 0 to switch it off, or a weight >= 1e-30"
             )
         if warmup_epochs and schedule is not None:
             raise ValueError("give either schedule or warmup_epochs, not both")

@@ -13,7 +13,10 @@ def test_fixed_split_sizes_and_seed_independence():
     assert [len(a.dataset(s)) for s in ("train", "val", "test")] == [1257, 180, 360]
     assert torch.equal(a.dataset("test").inputs, b.dataset("test").inputs)
     assert a.input_shape == (1, 8, 8)
-    assert 0.0 <= float(a.dataset("train").inputs.min()) and float(a.dataset("train").inputs.max()) <= 1.0
+    assert (
+        0.0 <= float(a.dataset("train").inputs.min())
+        and float(a.dataset("train").inputs.max()) <= 1.0
+    )
 
 
 def test_labeled_fraction_keeps_unlabeled_samples_with_target_minus_one():

@@ -30,9 +30,9 @@ from kd_lightning.functional.sparse_soft_target import sparse_soft_target_kl, to
 from kd_lightning.losses import HardLabelCrossEntropy
 from kd_lightning.losses.sparse_soft_target import SparseSoftTargetKLLoss
 from kd_lightning.methods import OfflineDistillation
-from kd_lightning.objective import LossTerm
 from kd_lightning.models import MLP
 from kd_lightning.models.spec import model_spec
+from kd_lightning.objective import LossTerm
 from kd_lightning.teachers import PretrainedTeacher, load_student
 
 

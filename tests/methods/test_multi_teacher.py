@@ -18,9 +18,8 @@ from kd_lightning.functional.ensemble import (
     top_margin,
 )
 from kd_lightning.methods import OfflineDistillation
-from kd_lightning.teachers import PermutedTeacher, TeacherEnsemble
 from kd_lightning.models import MLP
-from kd_lightning.teachers import PretrainedTeacher
+from kd_lightning.teachers import PermutedTeacher, PretrainedTeacher, TeacherEnsemble
 from tests.conftest import fast_trainer
 from tests.methods.conftest import test_accuracy
 

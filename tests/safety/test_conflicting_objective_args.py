@@ -75,14 +75,20 @@ def test_an_earlier_checkpoint_with_both_reloads_with_its_loss_terms(tmp_path):
 
 @pytest.mark.parametrize(
     "given",
-    [{"temperature": 4.0}, {"hard_label_weight": 0.0}, {"temperature": 2.0, "hard_label_weight": 1}],
+    [
+        {"temperature": 4.0},
+        {"hard_label_weight": 0.0},
+        {"temperature": 2.0, "hard_label_weight": 1},
+    ],
 )
 def test_data_free_refuses_its_default_objective_arguments_beside_loss_terms(given):
     from kd_lightning.methods import DataFreeDistillation
 
     with pytest.raises(ValueError, match=rf"leave {sorted(given)!r} unset".replace("[", r"\[")):
         DataFreeDistillation(MLP(), FrozenTeacher(MLP()), loss_terms=_terms(), **given)
-    default = DataFreeDistillation(MLP(), FrozenTeacher(MLP()), temperature=2.0, hard_label_weight=0.5)
-    assert {t.name: (t.weight, getattr(t.loss, "temperature", None)) for t in default.objective} == {
-        "kd": (1.0, 2.0), "ce": (0.5, None)
-    }
+    default = DataFreeDistillation(
+        MLP(), FrozenTeacher(MLP()), temperature=2.0, hard_label_weight=0.5
+    )
+    assert {
+        t.name: (t.weight, getattr(t.loss, "temperature", None)) for t in default.objective
+    } == {"kd": (1.0, 2.0), "ce": (0.5, None)}

@@ -182,3 +182,13 @@ def test_fit_with_an_overflowing_weight_names_the_term(tmp_path):
     with pytest.raises(NonFiniteTraining, match=r"validation loss.*\['kd'\].*weight 1e\+39"):
         trainer(tmp_path).fit(module, DigitsTransferSet(batch_size=32))
     assert unchanged(before, module)
+
+
+@pytest.mark.parametrize("weight", [1e-50, 5e-324, 1e-39])
+def test_a_weight_that_is_zero_in_float32_is_refused(weight):
+    from kd_lightning.losses import SoftTargetKLLoss
+    from kd_lightning.objective import LossTerm
+
+    with pytest.raises(ValueError, match="rounds to 0"):
+        LossTerm(SoftTargetKLLoss(4.0), weight=weight, name="kd")
+    LossTerm(SoftTargetKLLoss(4.0), weight=1e-30, name="kd")  # small but representable: kept

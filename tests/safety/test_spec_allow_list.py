@@ -170,12 +170,18 @@ def test_every_allowed_kind_our_checkpoints_record_still_builds():
 @pytest.mark.parametrize(
     "tree",
     [
-        {"class_path": "kd_lightning.models.HFModel",
-         "init_args": {"model_type": "gpt2", "config": {"trust_remote_code": True}}},
-        {"class_path": "kd_lightning.models.MLP",
-         "init_args": {"hidden_sizes": [8], "extra": [{"deep": {"trust_pickled_code": 1}}]}},
-        {"class_path": "kd_lightning.teachers.PretrainedTeacher",
-         "init_args": {"checkpoint_path": "x.ckpt", "trust_pickled_code": True}},
+        {
+            "class_path": "kd_lightning.models.HFModel",
+            "init_args": {"model_type": "gpt2", "config": {"trust_remote_code": True}},
+        },
+        {
+            "class_path": "kd_lightning.models.MLP",
+            "init_args": {"hidden_sizes": [8], "extra": [{"deep": {"trust_pickled_code": 1}}]},
+        },
+        {
+            "class_path": "kd_lightning.teachers.PretrainedTeacher",
+            "init_args": {"checkpoint_path": "x.ckpt", "trust_pickled_code": True},
+        },
     ],
     ids=["hf-config", "nested-list", "teacher"],
 )
