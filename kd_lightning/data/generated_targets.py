@@ -36,8 +36,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from kd_lightning.container import ContainerError, read_tensors, write_tensors
+from kd_lightning.data.teacher_source import TeacherSource
 from kd_lightning.data.text import CausalLMTransferSet
-from kd_lightning.digest import file_digest, module_digest, tensor_digest
+from kd_lightning.digest import tensor_digest
 from kd_lightning.generation import IGNORE_INDEX, sample_continuations, seeded_generator
 
 FORMAT = "kd_lightning.teacher_generations"
@@ -50,7 +51,7 @@ class GenerationsError(RuntimeError):
     """Stored generations that cannot be used or rebuilt; the message says why and the fix."""
 
 
-class TeacherGenerations:
+class TeacherGenerations(TeacherSource):
     """The teacher's continuations of a set of prompts, generated once and kept in a file.
 
     Args:
@@ -110,19 +111,6 @@ class TeacherGenerations:
         )
 
     # ------------------------------------------------------------------ identity
-    def teacher_available(self) -> bool:
-        if self.teacher is not None:
-            return True
-        return self.teacher_checkpoint is not None and Path(self.teacher_checkpoint).is_file()
-
-    def teacher_digest(self) -> str | None:
-        """The teacher's identity, or None when no teacher is at hand (the file is trusted)."""
-        if self.teacher is not None:
-            return module_digest(self.teacher)
-        if self.teacher_available():
-            return file_digest(self.teacher_checkpoint)
-        return None
-
     def settings(self, eos_token_id: int | None, pad_token_id: int, vocab_size: int) -> dict:
         """The generation settings recorded in (and checked against) the file's header."""
         settings = dict(prompt_length=self.prompt_length, max_new_tokens=self.max_new_tokens,

@@ -73,7 +73,8 @@ from kd_lightning.data.cache_format import (
     write_outputs,
 )
 from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_replacing_other_files
-from kd_lightning.digest import file_digest, module_digest, tensor_digest
+from kd_lightning.data.teacher_source import TeacherSource
+from kd_lightning.digest import module_digest, tensor_digest
 
 __all__ = [
     "PREAMBLE_SIZE",
@@ -92,7 +93,7 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class TeacherCache:
+class TeacherCache(TeacherSource):
     """Precompute a teacher's outputs over a transfer set once; train without the teacher.
 
     Attach it to a :class:`~kd_lightning.data.TransferSetDataModule` or
@@ -208,19 +209,6 @@ class TeacherCache:
         )
 
     # ------------------------------------------------------------------ identity
-    def teacher_available(self) -> bool:
-        if self.teacher is not None:
-            return True
-        return self.teacher_checkpoint is not None and Path(self.teacher_checkpoint).is_file()
-
-    def teacher_digest(self) -> str | None:
-        """The teacher's identity, or None when no teacher is at hand (the file is then trusted)."""
-        if self.teacher is not None:
-            return module_digest(self.teacher)
-        if self.teacher_checkpoint is not None and Path(self.teacher_checkpoint).is_file():
-            return file_digest(self.teacher_checkpoint)
-        return None
-
     def expected_identity(self, source: Any) -> dict[str, Any]:
         """What a valid file's header must say for this run and data ``source``."""
         if cache_sources.is_tensor_source(source) and self.granularity == "token":
