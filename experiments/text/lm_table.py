@@ -37,7 +37,8 @@ LABELS = {
     "forward_kl": "student + forward KL",
     "reverse_kl": "student + reverse KL",
     "jsd": "student + JSD (beta 0.5)",
-    "forward_kl_topk": "student + forward KL, top-k cache",
+    "forward_kl_topk": "student + forward KL, top-64 cache",
+    "forward_kl_sampled": "student + forward KL, sampled-64 cache",
 }
 FIELDS = ["run", "label", "seeds", "params", "val_ppl", "val_ppl_sd", "test_ppl", "test_ppl_sd",
           "test_ppl_vs_alone_pct", "next_token_acc", "agreement_with_teacher", "seconds"]  # fmt: skip

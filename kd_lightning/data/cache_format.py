@@ -27,9 +27,8 @@ in words what the values are (raw logits, or log-probabilities at the temperatur
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +37,20 @@ import torch
 from torch import nn
 
 from kd_lightning.container import (
-    ArraySpec,
     ContainerError,
     ContainerWriter,
-    as_tensor,
     to_numpy,
 )
 from kd_lightning.container import read_header as _read_container_header
-from kd_lightning.data.batch import TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 from kd_lightning.digest import module_digest
-from kd_lightning.functional.sparse_soft_target import topk_log_probs
+from kd_lightning.functional.sparse_soft_target import sampled_log_probs, topk_log_probs
 
 FORMAT = "kd_lightning.teacher_cache"
 FORMAT_VERSION = 2
-TAIL = "rest_mass"
-"""Top-k tail handling: values are full-softmax log-probabilities; the rest's mass is implied."""
+TAILS = {"topk": "rest_mass", "sampled": "sampled_counts"}
+"""Tail handling by ``selection``: ``rest_mass``: the k largest full-softmax log-probabilities,
+the rest's mass implied; ``sampled_counts``: log-frequencies of k draws from the teacher (they
+sum to 1, no tail; unbiased for the forward KL only)."""
 GRANULARITIES = ("sample", "token")
 """One output per sample (classification), or one per token (language models, top-k)."""
 
@@ -221,6 +219,25 @@ class CacheProvenance:
             f"{self.topk} (or leave it unset), or rebuild the cache with topk: {int(topk)}"
         )
 
+    def check_objective(self, objective: str, where: str = "the loss") -> None:
+        """Refuse a loss other than the forward KL on a sampled cache (``selection: sampled``).
+
+        Sampled frequencies estimate the teacher's distribution without bias inside a
+        cross-entropy (the forward KL) only; reverse KL, JSD and total variation need the
+        teacher's probability at every token the student favours, which the draws do not give.
+
+        Raises:
+            TeacherCacheError: naming the cache, the objective and the two fixes.
+        """
+        if self.tail != TAILS["sampled"] or objective == "forward_kl":
+            return
+        raise TeacherCacheError(
+            f"the teacher cache {self.path} stores {self.topk} sampled draws per "
+            f"{self.granularity} (selection: sampled), an unbiased teacher only for the forward "
+            f"KL, but {where} uses {objective}: use objective: forward_kl, or build the cache "
+            "with selection: topk"
+        )
+
     def check_teacher(self, teacher: nn.Module | str) -> None:
         """Refuse a configured teacher other than the one the cache was made from.
 
@@ -244,15 +261,39 @@ class CacheProvenance:
             )
 
 
-def stored_values(topk: int | None, temperature: float) -> str:
+def stored_values(topk: int | None, temperature: float, selection: str = "topk") -> str:
     """What the stored values are, in words, for the header (``stored_values``)."""
     if not topk:
         return "raw logits (any temperature applies)"
+    if selection == "sampled":
+        return (
+            f"log(count / {topk}) of the entries drawn in {topk} samples with replacement from "
+            f"softmax(logits / {temperature:g}) (an unbiased estimate of the teacher's "
+            "distribution; -inf for entries not drawn; no tail)"
+        )
     return (
         f"log_softmax(logits / {temperature:g}) of the top-{topk} entries (log-probabilities at "
         f"temperature {temperature:g} under the full softmax; the rest of the mass, 1 - "
         "sum(exp(values)), is the tail bucket)"
     )
+
+
+def sampled_selectors(
+    topk: int, temperature: float, seed: int, device: torch.device
+) -> dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """Per split, the ``selection: sampled`` draws (:func:`sampled_log_probs`) of a cache build.
+
+    Each split draws from its own stream seeded by ``(seed, split)``, consumed in the build's
+    batch order: the same data, teacher, seed and batch size give the same file.
+    """
+    streams = {
+        split: torch.Generator(device).manual_seed(3 * seed + number)
+        for number, split in enumerate(("train", "val", "test"))
+    }
+    return {
+        split: partial(sampled_log_probs, k=topk, temperature=temperature, generator=stream)
+        for split, stream in streams.items()
+    }
 
 
 def array_layout(
@@ -303,6 +344,7 @@ def write_outputs(
     place: tuple[int] | np.ndarray,
     logits: torch.Tensor,
     settings: tuple[str, int | None, float],
+    select: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Store one teacher batch of ``split``: dense logits or their top-k log-probabilities.
 
@@ -314,6 +356,7 @@ def write_outputs(
         logits: ``(B, C)`` per sample; per token, the real tokens' ``(n_1 + ... + n_B, V)`` in
             sequence order.
         settings: ``(dtype, topk, temperature)`` of the cache.
+        select: logits to sparse ``(values, indices)``; default: their top-k log-probabilities.
 
     Raises:
         TeacherCacheError: per token, a token count other than the first pass over the data.
@@ -333,159 +376,8 @@ def write_outputs(
     if not topk:
         writer.array(f"{split}/logits")[where] = to_numpy(logits.to(storage))
         return
-    values, indices = topk_log_probs(logits, topk, temperature)
+    select = select or (lambda x: topk_log_probs(x, topk, temperature))
+    values, indices = select(logits)
     writer.array(f"{split}/values")[where] = to_numpy(values.to(storage))
     index_array = writer.array(f"{split}/indices")
     index_array[where] = indices.cpu().numpy().astype(index_array.dtype)
-
-
-# ------------------------------------------------------------------------- sample keys
-
-
-def _sample_bytes(value: torch.Tensor, row: int, mask: torch.Tensor | None) -> bytes:
-    sample = value[row]
-    if mask is not None and sample.dim() >= 1 and sample.shape[0] == mask.shape[1]:
-        sample = sample[mask[row].bool().cpu()]  # padding is not part of the sample
-    sample = sample.detach().cpu().contiguous()
-    return (
-        f"{sample.dtype}{tuple(sample.shape)}".encode()
-        + sample.flatten().view(torch.uint8).numpy().tobytes()
-    )
-
-
-def sample_keys(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> np.ndarray:
-    """A 64-bit digest of each sample's input: ``(B,)`` uint64.
-
-    For a dict input every tensor entry counts (by name); with an ``attention_mask`` the padded
-    positions are left out, so a sample has one key whatever it was padded to.
-    """
-    entries = dict(inputs) if isinstance(inputs, Mapping) else {"": inputs}
-    tensors = {k: v for k, v in sorted(entries.items()) if isinstance(v, torch.Tensor)}
-    mask = tensors.get("attention_mask")
-    rows = next(iter(tensors.values())).shape[0]
-    keys = np.empty(rows, dtype=np.uint64)
-    for row in range(rows):
-        digest = hashlib.blake2b(digest_size=8)
-        for name, value in tensors.items():
-            digest.update(name.encode())
-            digest.update(_sample_bytes(value, row, mask))
-        keys[row] = int.from_bytes(digest.digest(), "little")
-    return keys
-
-
-# ------------------------------------------------------------------------- split readers
-
-
-class SplitOutputs:
-    """Cached teacher outputs of one split, read lazily through a memory map.
-
-    Pickles as its path and layout only (DataLoader workers reopen the map), not the data.
-
-    Args:
-        path: the cache file.
-        arrays: ``{"logits": spec}`` (dense) or ``{"values": spec, "indices": spec}`` (top-k),
-            plus ``{"offsets": spec}`` per token and ``{"keys": spec}`` when the split has
-            sample keys.
-        storage_dtype: name in :data:`STORAGE_DTYPES` of the values.
-    """
-
-    def __init__(self, path: Path, arrays: dict[str, ArraySpec], storage_dtype: str) -> None:
-        self.path, self.arrays, self.storage_dtype = path, arrays, storage_dtype
-        self._maps: dict[str, np.ndarray] | None = None
-        self._key_order: tuple[np.ndarray, np.ndarray] | None = None
-        self.per_token = "offsets" in arrays
-        if self.per_token:
-            self.rows, self.views = arrays["offsets"].shape[0] - 1, 1
-        else:
-            first = arrays.get("logits") or arrays["values"]
-            self.rows, self.views = first.shape[0], first.shape[1]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None, "_key_order": None}
-
-    def _open(self) -> dict[str, np.ndarray]:
-        if self._maps is None:
-            # Copy-on-write: torch gets writable arrays without ever touching the file.
-            self._maps = {
-                name: np.memmap(
-                    self.path, dtype=spec.dtype, mode="c", offset=spec.offset, shape=spec.shape
-                )
-                for name, spec in self.arrays.items()
-                if spec.nbytes
-            }
-        return self._maps
-
-    def _values(self, name: str, raw: np.ndarray) -> torch.Tensor:
-        return as_tensor(raw, self.arrays[name]).float()
-
-    def lookup(
-        self, indices: torch.Tensor, views: torch.Tensor, length: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Batch entries for samples ``indices`` (rows of the split) seen as ``views``.
-
-        Per token, the entries are ``(B, L, k)`` with L the longest of these sequences, or
-        ``length`` when that is larger (the batch's padded length).
-        """
-        maps = self._open()
-        rows, cols = indices.cpu().numpy(), views.cpu().numpy()
-        if self.per_token:
-            return self._token_lookup(maps, rows, length)
-        if "logits" in self.arrays:
-            return {TEACHER_LOGITS: self._values("logits", maps["logits"][rows, cols])}
-        return {
-            TEACHER_TOPK_VALUES: self._values("values", maps["values"][rows, cols]),
-            TEACHER_TOPK_INDICES: torch.from_numpy(maps["indices"][rows, cols].astype(np.int64)),
-        }
-
-    def _token_lookup(
-        self, maps: dict[str, np.ndarray], rows: np.ndarray, length: int | None
-    ) -> dict[str, torch.Tensor]:
-        starts, stops = maps["offsets"][rows], maps["offsets"][rows + 1]
-        lengths = torch.from_numpy((stops - starts).astype(np.int64))
-        k = self.arrays["values"].shape[-1]
-        longest = max(int(lengths.max()) if len(rows) else 0, length or 0)
-        # Padding is a uniform top-k over distinct indices: a finite distribution.
-        values = torch.full((len(rows), longest, k), -math.log(k))
-        indices = torch.arange(k).expand(len(rows), longest, k).clone()
-        real = torch.arange(longest) < lengths.unsqueeze(1)
-        if len(rows):
-            tokens = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
-            values[real] = self._values("values", maps["values"][tokens])
-            indices[real] = torch.from_numpy(maps["indices"][tokens].astype(np.int64))
-        return {TEACHER_TOPK_VALUES: values, TEACHER_TOPK_INDICES: indices}
-
-    def rows_of(self, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The rows whose stored sample keys equal the keys of ``inputs`` (batches without index).
-
-        Raises:
-            TeacherCacheError: the split has no keys, or an input is not in the cache.
-        """
-        if "keys" not in self.arrays:
-            raise TeacherCacheError(
-                f"the teacher cache {self.path} was built from a data module whose batches carry "
-                "'index', but this batch has none: use the same data module as for the build"
-            )
-        if self._key_order is None:
-            keys = np.asarray(self._open()["keys"])
-            order = np.argsort(keys, kind="stable")
-            self._key_order = (keys[order], order)
-        sorted_keys, order = self._key_order
-        wanted = sample_keys(inputs)
-        found = np.searchsorted(sorted_keys, wanted).clip(max=len(sorted_keys) - 1)
-        missing = sorted_keys[found] != wanted
-        if missing.any():
-            raise TeacherCacheError(
-                f"{int(missing.sum())} of {len(wanted)} samples of this batch are not in the "
-                f"teacher cache {self.path}: the data, its order-independent content or its "
-                "augmentation changed since the build. Rebuild the cache, turn random "
-                "augmentation off, or give batches an 'index' (wrap your dataset in "
-                "kd_lightning.data.TransferSet)"
-            )
-        return torch.from_numpy(order[found].astype(np.int64))
-
-    def lookup_inputs(
-        self, inputs: torch.Tensor | Mapping[str, torch.Tensor], length: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Batch entries for samples found by the content of their inputs (one view)."""
-        rows = self.rows_of(inputs)
-        return self.lookup(rows, torch.zeros_like(rows), length)

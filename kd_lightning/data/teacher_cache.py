@@ -14,11 +14,10 @@ LightningDataModule, or a dict of DataLoaders / map-style datasets, whose batche
 ``(input, target)`` tuples (one output per sample, rows in dataset order, plus a content key
 per sample for batches that carry no ``index``).
 
-Language models (``granularity="token"``): the teacher's per-token ``(B, L, V)`` logits are
-stored as the top-k log-probabilities of every real token (``(tokens, k)`` values and indices,
-per-sequence offsets), the rest of each token's mass kept as one implied bucket (see
-:mod:`kd_lightning.functional.token_sparse` for why); batches get ``(B, L, k)`` entries for
-:class:`~kd_lightning.losses.SparseTokenDistillationLoss`.
+Language models (``granularity="token"``): per real token, the top-k log-probabilities of the
+teacher's ``(B, L, V)`` logits, the rest of the mass one implied bucket
+(:mod:`kd_lightning.functional.token_sparse`), or the frequencies of k draws from the teacher
+(``selection="sampled"``); batches get ``(B, L, k)`` entries.
 
 Augmentation-aware (unlike caches keyed by sample index only): with a random training
 augmentation the file stores ``views`` outputs per sample, view ``k`` of sample ``i`` being
@@ -60,19 +59,19 @@ from kd_lightning.data.cache_format import (
     GRANULARITIES,
     ON_MISMATCH,
     STORAGE_DTYPES,
-    TAIL,
+    TAILS,
     CacheProvenance,
     InvalidCacheFile,
-    SplitOutputs,
     TeacherCacheError,
     array_layout,
     compare_identity,
     read_header,
-    sample_keys,
+    sampled_selectors,
     stored_values,
     write_outputs,
 )
 from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_replacing_other_files
+from kd_lightning.data.cache_reader import SplitOutputs, sample_keys
 from kd_lightning.data.teacher_source import TeacherSource
 from kd_lightning.digest import module_digest, tensor_digest
 
@@ -118,6 +117,10 @@ class TeacherCache(TeacherSource):
             :class:`~kd_lightning.losses.SparseSoftTargetKLLoss` at the same temperature.
         temperature: temperature of the stored top-k log-probabilities (top-k only). The
             loss must read them at this temperature (checked at start-up).
+        selection: which k entries a sparse cache keeps: ``"topk"``, the k most probable (the
+            rest's mass kept as one bucket); ``"sampled"``, k draws from the teacher at
+            ``temperature`` stored as frequencies (Anshumann et al. 2025; unbiased for the
+            forward KL, the only objective accepted with it; draws seeded by ``seed``).
         granularity: ``"sample"``: one output per sample, ``(B, C)`` logits; ``"token"``: one
             per token of a language model's ``(B, L, V)`` logits (needs ``topk``; data modules
             of right-padded token sequences, e.g. :class:`~kd_lightning.data.CausalLMTransferSet`).
@@ -142,6 +145,7 @@ class TeacherCache(TeacherSource):
         dtype: str = "float16",
         topk: int | None = None,
         temperature: float = 4.0,
+        selection: str = "topk",
         granularity: str = "sample",
         views: int = 1,
         seed: int = 0,
@@ -159,6 +163,8 @@ class TeacherCache(TeacherSource):
             raise ValueError(f"topk must be >= 1 (or None for dense logits), got {topk}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if selection not in TAILS or (selection == "sampled" and topk is None):
+            raise ValueError(f"selection must be 'topk' or 'sampled' (set topk), got {selection!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if granularity == "token" and topk is None:
@@ -189,6 +195,7 @@ class TeacherCache(TeacherSource):
         self.dtype = dtype
         self.topk = topk
         self.temperature = float(temperature)
+        self.selection = selection
         self.granularity = granularity
         self.views = views
         self.seed = seed
@@ -202,7 +209,7 @@ class TeacherCache(TeacherSource):
         self._readers: dict[str, SplitOutputs | None] = {}
 
     def __repr__(self) -> str:
-        kind = f"topk={self.topk}" if self.topk else "dense"
+        kind = f"{self.selection}={self.topk}" if self.topk else "dense"
         return (
             f"TeacherCache({str(self.path)!r}, {kind}, per {self.granularity}, "
             f"dtype={self.dtype}, views={self.views})"
@@ -235,7 +242,7 @@ class TeacherCache(TeacherSource):
             "dtype": self.dtype,
             "topk": self.topk,
             "temperature": self.temperature if self.topk else None,
-            "tail": TAIL if self.topk else None,
+            "tail": TAILS[self.selection] if self.topk else None,
             "granularity": self.granularity,
             "num_classes": getattr(source, "num_classes", None),
         }
@@ -374,7 +381,9 @@ class TeacherCache(TeacherSource):
         if self.granularity == "token":  # the arrays' sizes: real tokens per sequence
             lengths = cache_sources.sequence_lengths(source, datasets, self.batch_size)
             offsets = {s: np.concatenate([[0], np.cumsum(n)]) for s, n in lengths.items()}
-        first = None
+        first, draws = None, {}
+        if self.selection == "sampled":  # k draws per row, from one seeded stream per split
+            draws = sampled_selectors(self.topk, self.temperature, self.seed, device)
         with torch.inference_mode():
             if classes is None:  # a data module that does not say: the teacher's output does
                 first = next(batches)
@@ -398,7 +407,9 @@ class TeacherCache(TeacherSource):
                     place = (view,) if offsets is None else offsets[split]
                     if offsets is not None:  # the real tokens of each sequence, in order
                         logits = logits[cache_sources.token_mask(inputs).to(logits.device)]
-                    write_outputs(writer, split, rows, place, logits, self.settings)
+                    write_outputs(
+                        writer, split, rows, place, logits, self.settings, draws.get(split)
+                    )
                     if not tensor_source:
                         writer.array(f"{split}/keys")[rows.numpy()] = sample_keys(inputs)
                     bar.update(len(rows))
@@ -409,7 +420,7 @@ class TeacherCache(TeacherSource):
                         **expected,
                         "num_classes": classes,
                         "teacher_module_digest": module_digest(teacher),
-                        "stored_values": stored_values(self.topk, self.temperature),
+                        "stored_values": stored_values(self.topk, self.temperature, self.selection),
                         "teacher_source": self.teacher_checkpoint
                         or f"{type(self.teacher).__module__}.{type(self.teacher).__qualname__}",
                         "datamodule": f"{type(source).__module__}.{type(source).__qualname__}",

@@ -21,7 +21,11 @@ from kd_lightning.functional.soft_target import (
     logit_matching_mse,
     soft_target_kl,
 )
-from kd_lightning.functional.sparse_soft_target import sparse_soft_target_kl, topk_log_probs
+from kd_lightning.functional.sparse_soft_target import (
+    sampled_log_probs,
+    sparse_soft_target_kl,
+    topk_log_probs,
+)
 from kd_lightning.functional.token import (
     TOKEN_IGNORE_INDEX,
     check_vocab_sizes,
@@ -80,6 +84,7 @@ __all__ = [
     "token_reverse_kl",
     "token_total_variation",
     "token_weights",
+    "sampled_log_probs",
     "topk_log_probs",
     "variational_information",
 ]

@@ -57,6 +57,49 @@ def topk_log_probs(
     return log_p.topk(min(k, log_p.shape[-1]), dim=-1)
 
 
+def sampled_log_probs(
+    teacher: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Sparse teacher knowledge by sampling: k draws from the teacher, stored as frequencies.
+
+    Random-sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs", ACL, section 3): draw :math:`x_1, \dots, x_k \sim p =
+    \mathrm{softmax}(v / T)` with replacement and keep the empirical distribution
+    :math:`\hat p_i = |\{m : x_m = i\}| / k` on the distinct draws. Then
+    :math:`\mathbb{E}[\hat p_i] = p_i` for every class, so the cross-entropy
+    :math:`-\sum_i \hat p_i \log q_i` and its gradient with respect to the student are
+    unbiased estimates of the dense ones: the forward KL from :math:`\hat p` trains the student
+    toward the whole teacher distribution, tail included, where top-k (:func:`topk_log_probs`)
+    is biased toward the head. The frequencies sum to 1, so a sparse loss's rest bucket is
+    empty. (The authors also sample from a tempered proposal with importance weights; we use
+    the teacher itself as proposal, the case in which the weights are the plain frequencies.)
+
+    Args:
+        teacher: teacher logits ``(..., C)``.
+        k: draws per row; the result keeps ``min(k, C)`` entries.
+        temperature: T of the distribution sampled from.
+        generator: the random stream (a seeded one makes the draws reproducible).
+
+    Returns:
+        ``(values, indices)``, each ``(..., min(k, C))``: :math:`\log \hat p` sorted by
+        decreasing frequency (``-inf`` for entries not drawn; their indices are distinct
+        classes of zero frequency) and the class indices; values in float32 (float64 for
+        float64 logits).
+    """
+    log_p = softened_log_probs(teacher.detach(), temperature)
+    flat = log_p.reshape(-1, log_p.shape[-1])
+    draws = torch.multinomial(flat.exp(), k, replacement=True, generator=generator)
+    counts = torch.zeros_like(flat).scatter_add_(
+        -1, draws, torch.ones_like(draws, dtype=flat.dtype)
+    )
+    values, indices = counts.topk(min(k, flat.shape[-1]), dim=-1)
+    shape = (*log_p.shape[:-1], values.shape[-1])
+    return (values / k).log().reshape(shape), indices.reshape(shape)
+
+
 def sparse_soft_target_kl(
     student: torch.Tensor,
     teacher_values: torch.Tensor,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_lightning.functional.token import check_vocab_sizes
+from kd_lightning.functional.token import check_vocab_sizes, effective_objective
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,6 +132,10 @@ def check_teacher_cache(module: Any, provenance: Any) -> None:
         if temperature is not None:
             provenance.check_temperature(temperature, where=where)
         provenance.check_topk(getattr(term.loss, "topk", None), where=where)
+        objective = getattr(term.loss, "objective", "forward_kl")
+        provenance.check_objective(
+            effective_objective(objective, getattr(term.loss, "beta", 0.5)), where=where
+        )
 
 
 def check_optimizer(module: Any) -> None:

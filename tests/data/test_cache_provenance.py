@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_lightning.data import DatasetTransferSet, DigitsTransferSet, TeacherCache, TeacherCacheError
-from kd_lightning.data.cache_format import CacheProvenance, sample_keys
+from kd_lightning.data.cache_format import CacheProvenance
+from kd_lightning.data.cache_reader import sample_keys
 from kd_lightning.digest import file_digest, module_digest
 from kd_lightning.functional.sparse_soft_target import topk_log_probs
 from kd_lightning.losses.sparse_soft_target import SparseSoftTargetKLLoss

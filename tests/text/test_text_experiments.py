@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from kd_lightning.cli import main as cli_main
+from kd_lightning.data.cache_format import read_header
 from kd_lightning.teachers import load_student
 
 ROOT = Path(__file__).resolve().parents[2] / "experiments" / "text"
@@ -165,10 +166,16 @@ def test_lm_student_alone(lm_teacher, workdir):
     assert losses[-1] < losses[0] and metrics["val/perplexity"]
 
 
-def test_lm_student_from_a_topk_cache(lm_teacher, workdir):
+@pytest.mark.parametrize(
+    "config,cache,tail",
+    [("lm_topk64", "lm_teacher_top64", "rest_mass"),
+     ("lm_sampled64", "lm_teacher_sampled64", "sampled_counts")],
+)  # fmt: skip
+def test_lm_student_from_a_sparse_cache(config, cache, tail, lm_teacher, workdir):
     _, minilm, corpus = workdir
-    metrics = _fit("lm_topk64", minilm, corpus)
-    assert Path("runs/text/lm_teacher_top64.kdtc").is_file()  # built once, from the teacher
+    metrics = _fit(config, minilm, corpus)
+    path = Path(f"runs/text/{cache}.kdtc")
+    assert read_header(path)["tail"] == tail  # built once, from the teacher
     kd = metrics["train/loss_kd_step"]
     assert kd and all(math.isfinite(v) and v >= 0 for v in kd)
     assert metrics["val/perplexity"] and math.isfinite(metrics["val/perplexity"][-1])
@@ -177,7 +184,7 @@ def test_lm_student_from_a_topk_cache(lm_teacher, workdir):
 def test_every_text_config_has_a_slice_test():
     tested = {"bbc_teacher", "bbc_minilm3_alone", "bbc_minilm3_distil", "bbc_minilm3_tinybert",
               "lm_teacher", "lm_student_alone", "lm_forward_kl", "lm_reverse_kl", "lm_jsd",
-              "lm_topk64",
+              "lm_topk64", "lm_sampled64",
               "bbc_textcnn_alone", "bbc_textcnn_distil",
               "onpolicy_gkd", "onpolicy_supervised_kd", "onpolicy_student_alone", "seqkd"}  # fmt: skip
     # (the bbc_textcnn_* slices run in tests/text/test_text_cnn.py, the onpolicy_* and seqkd
