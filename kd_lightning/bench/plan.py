@@ -114,6 +114,27 @@ def digest(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- the plan
+def run_seeds(study: Study, run: StudyRun) -> list[int]:
+    """The seeds ``run`` trains: its own ``seeds``, else the study's."""
+    return list(run.seeds) if run.seeds is not None else list(study.seeds)
+
+
+def dependency_seed(dep_seeds: Sequence[int], seed: int, run: str, dep: str) -> int:
+    """The seed of ``dep`` that seed ``seed`` of ``run`` uses: the same seed, or its only one.
+
+    Raises:
+        StudyError: ``dep`` trains several seeds but not ``seed``.
+    """
+    if seed in dep_seeds:
+        return seed
+    if len(dep_seeds) == 1:
+        return dep_seeds[0]
+    raise StudyError(
+        f"run {run!r} (seed {seed}) needs {dep!r}, which trains seeds {list(dep_seeds)}: give "
+        f"{dep!r} seed {seed} too, or one seed (seeds: [0]) that serves every seed"
+    )
+
+
 @dataclass
 class PlannedRun:
     """One (run, seed) of a study, resolved: where it lives, its config and whether it is done."""
@@ -125,6 +146,7 @@ class PlannedRun:
     digest: str
     status: str  # one of STATUSES
     set_keys: list[str]
+    dep_seeds: dict[str, int]  # the seed of each run it needs
 
     @property
     def label(self) -> str:
@@ -170,9 +192,13 @@ def plan_study(
     planned: list[PlannedRun] = []
     by_key: dict[tuple[str, int], PlannedRun] = {}
     used: set[str] = set()
-    for run, seed in ((r, s) for r in runs for s in study.seeds):
+    seeds = {run.name: run_seeds(study, run) for run in runs}
+    for run, seed in ((r, s) for r in runs for s in seeds[r.name]):
         base_dir = study.output_dir / "runs" / run.name
-        deps = {dep: by_key[(dep, seed)].run_dir / CHECKPOINT_NAME for dep in run.needs.values()}
+        dep_seeds = {
+            dep: dependency_seed(seeds[dep], seed, run.name, dep) for dep in run.needs.values()
+        }
+        deps = {dep: by_key[(dep, s)].run_dir / CHECKPOINT_NAME for dep, s in dep_seeds.items()}
         config = resolve_config(study, run, seed, base_dir / f"seed{seed}", deps)
         applied = {k: v for k, v in overrides.items() if has_parent(config, k)}
         run_dir = base_dir / f"seed{seed}"
@@ -182,11 +208,10 @@ def plan_study(
             config = resolve_config(study, run, seed, run_dir, deps)
             for key, value in applied.items():
                 set_dotted(config, key, value)
-        dep_digests = {dep: by_key[(dep, seed)].digest for dep in sorted(set(run.needs.values()))}
+        dep_digests = {dep: by_key[(dep, dep_seeds[dep])].digest for dep in sorted(dep_seeds)}
         run_digest = digest({"config": config, "needs": dep_digests})
-        item = PlannedRun(
-            run, seed, run_dir, config, run_digest, run_status(run_dir, run_digest), list(applied)
-        )
+        status = run_status(run_dir, run_digest)
+        item = PlannedRun(run, seed, run_dir, config, run_digest, status, list(applied), dep_seeds)
         planned.append(item)
         by_key[(run.name, seed)] = item
     unused = sorted(set(overrides) - used)

@@ -266,8 +266,8 @@ def preflight(plan: Sequence[PlannedRun], needed: set[str], say: Any = None) -> 
             checkpoints: dict[str, Path] = {}
             missing = []
             for dep in dict.fromkeys(item.run.needs.values()):
-                if (dep, item.seed) in done:
-                    checkpoints[dep] = done[(dep, item.seed)]
+                if (dep, item.dep_seeds[dep]) in done:
+                    checkpoints[dep] = done[(dep, item.dep_seeds[dep])]
                 elif dep in stand_in_paths:
                     checkpoints[dep] = stand_in_paths[dep]
                 else:

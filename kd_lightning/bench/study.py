@@ -295,9 +295,9 @@ def run_study(
         source = agreement_source(run.needs, run.name, study.reference_teacher)
         reference = None
         if source is not None:
-            reference_dir = next(
-                (p.run_dir for p in every_run if p.run.name == source and p.seed == seed), None
-            )
+            trained = {p.seed: p.run_dir for p in every_run if p.run.name == source}
+            one = len(trained) == 1  # a reference trained once serves every seed
+            reference_dir = next(iter(trained.values())) if one else trained.get(seed)
             if reference_dir is not None and (reference_dir / CHECKPOINT_NAME).is_file():
                 reference = load_student(reference_dir / CHECKPOINT_NAME)
             else:

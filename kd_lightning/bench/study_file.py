@@ -24,7 +24,9 @@ A study file (YAML)::
           T: {key: model.init_args.loss_terms.0.init_args.loss.init_args.temperature, values: [2, 4]}
 
 ``needs`` maps a config key to another run whose final checkpoint (same seed) is put there, so
-teachers are trained first. Every field is checked when the file is read: a wrong type
+teachers are trained first. A run may list its own ``seeds`` (they replace the study's and
+``--seeds`` for that run): a teacher with ``seeds: [0]`` is trained once and serves every seed
+of the runs that need it (each student seed varies the student, not the teacher). Every field is checked when the file is read: a wrong type
 (``seeds: 3`` instead of ``seeds: [0, 1, 2]``), an unknown key, a missing run or a cycle is an
 error that names the fix, before anything is built.
 """
@@ -46,7 +48,9 @@ STUDY_KEYS = {
     "name", "seeds", "output_dir", "runs", "reference_teacher", "baseline", "wandb",
     "checkpoint_every_n_epochs", "latency", "description",
 }  # fmt: skip
-RUN_KEYS = {"name", "config", "overrides", "needs", "baseline", "published", "job_type", "grid"}
+RUN_KEYS = {
+    "name", "config", "overrides", "needs", "baseline", "published", "job_type", "grid", "seeds",
+}  # fmt: skip
 
 _UNSET = object()
 
@@ -118,6 +122,8 @@ class StudyRun:
             ``None`` for no delta).
         published: a paper's figure for this row, ``{"test_acc": percent, "source": ...}``.
         job_type: W&B job type; default derived (teacher / baseline / distill).
+        seeds: this run's own seeds (``None``: the study's). A run with one seed serves every
+            seed of the runs that need it.
     """
 
     name: str
@@ -127,6 +133,7 @@ class StudyRun:
     baseline: Any = _UNSET
     published: dict[str, Any] | None = None
     job_type: str | None = None
+    seeds: list[int] | None = None
 
     def load_config(self) -> dict[str, Any]:
         if isinstance(self.config, dict):
@@ -226,6 +233,7 @@ def _parse_run(raw: Any, base_dir: Path, source: str) -> list[StudyRun]:
     if "baseline" in raw:
         _check_str(raw["baseline"], where, "baseline", optional=True)
     _check_str(raw.get("job_type"), where, "job_type", optional=True)
+    seeds = _check_seeds(raw["seeds"], where) if "seeds" in raw else None
     runs = []
     for entry in _expand_grid({**raw, "overrides": overrides, "needs": needs}, where):
         config = entry["config"]
@@ -242,6 +250,7 @@ def _parse_run(raw: Any, base_dir: Path, source: str) -> list[StudyRun]:
                 baseline=entry["baseline"] if "baseline" in entry else _UNSET,
                 published=_published(entry.get("published"), entry["name"]),
                 job_type=entry.get("job_type"),
+                seeds=seeds,
             )
         )
     return runs
