@@ -59,3 +59,43 @@ def check_same_batch(student: torch.Tensor, teacher: torch.Tensor, loss: str) ->
             f"teacher {_shape(teacher)} must be (B, ...) with the same B (their other "
             "dimensions may differ). Pass features of the same batch, with a batch dimension."
         )
+
+
+def check_topk_pair(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    loss: str,
+    *,
+    names: str,
+    source: str,
+    layout: str,
+) -> int:
+    """Raise ``ValueError`` unless ``(values, indices)`` is one top-k pair laid out like ``student``.
+
+    Sparse teacher knowledge is ``(values, indices)``, both ``(..., k)``, against student logits
+    ``(..., C)``: every dimension but the last must agree. Returns k.
+
+    Args:
+        student: the student logits.
+        values: the teacher's top-k log-probabilities.
+        indices: their classes.
+        loss: the loss's name, first in each message.
+        names: how the message names values and indices (e.g. ``"teacher_values and
+            teacher_indices"``).
+        source: what the pair should come from, ending the pair message (after ``"Pass the
+            (values, indices) pair of one top-k "``).
+        layout: what the layouts must do and the fix, ending the layout message (after
+            ``"must "``).
+    """
+    if values.shape != indices.shape or values.dim() < 1:
+        raise ValueError(
+            f"{loss}: {names} must have the same shape (..., k); got {_shape(values)} and "
+            f"{_shape(indices)}. Pass the (values, indices) pair of one top-k {source}"
+        )
+    if student.shape[:-1] != values.shape[:-1]:
+        raise ValueError(
+            f"{loss}: student logits {_shape(student)} and teacher top-k values "
+            f"{_shape(values)} must {layout}"
+        )
+    return values.shape[-1]

@@ -37,6 +37,7 @@ import torch
 
 from kd_lightning.functional._divergence import kl_from_log_probs, softened_log_probs
 from kd_lightning.functional._precision import upcast
+from kd_lightning.functional._shapes import check_topk_pair
 
 
 def topk_log_probs(
@@ -121,20 +122,18 @@ def sparse_soft_target_kl(
     Returns:
         scalar: mean over rows, times T^2 (float32, or float64 for float64 inputs).
     """
-    if teacher_values.shape != teacher_indices.shape or teacher_values.dim() < 1:
-        raise ValueError(
-            "Sparse soft-target KL: teacher_values and teacher_indices must have the same shape "
-            f"(..., k); got {tuple(teacher_values.shape)} and {tuple(teacher_indices.shape)}. "
-            "Pass the (values, indices) pair of one top-k cache entry."
-        )
-    if student.shape[:-1] != teacher_values.shape[:-1]:
-        raise ValueError(
-            f"Sparse soft-target KL: student logits {tuple(student.shape)} and teacher top-k "
-            f"values {tuple(teacher_values.shape)} must share every dimension but the last "
-            "(student (..., C) against teacher (..., k)). Squeeze or reshape the side with the "
-            "extra dimension, or rebuild the cache for this data."
-        )
-    num_classes, k = student.shape[-1], teacher_values.shape[-1]
+    k = check_topk_pair(
+        student,
+        teacher_values,
+        teacher_indices,
+        "Sparse soft-target KL",
+        names="teacher_values and teacher_indices",
+        source="cache entry.",
+        layout="share every dimension but the last (student (..., C) against teacher (..., k)). "
+        "Squeeze or reshape the side with the extra dimension, or rebuild the cache for this "
+        "data.",
+    )
+    num_classes = student.shape[-1]
     if k > num_classes:
         raise ValueError(
             f"Sparse soft-target KL: the teacher has {k} top-k entries but the student only "

@@ -232,6 +232,35 @@ def check_token_layout(
         )
 
 
+def dense_token_inputs(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    objective: str,
+    beta: float,
+    temperature: float,
+    shift: bool,
+    reduction: str,
+    ignore_index: int,
+    crop_vocab: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(student, teacher, weights)`` of a loss between two models' logits, after every check.
+
+    Checks the options (:func:`check_token_options`), the vocabularies (cropped to the shared
+    range when ``crop_vocab``; the teacher detached) and the token layouts, in this order; the
+    flattened token weights ``(N,)`` are in the dtype the loss computes in (``weights.dtype``).
+    """
+    check_token_options(objective, beta, temperature, reduction)
+    student, teacher = crop_to_shared_vocab(student, teacher.detach(), crop_vocab)
+    check_token_layout(student.shape, teacher.shape)
+    dtype = compute_dtype(student, teacher)
+    weights = flat_token_weights(
+        student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
+    )
+    return student, teacher, weights
+
+
 def scaled_rows(
     logits: torch.Tensor, keep: torch.Tensor, temperature: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -328,13 +357,11 @@ def token_divergence(
     Returns:
         scalar in float32 (float64 for float64 inputs).
     """
-    check_token_options(objective, beta, temperature, reduction)
-    student, teacher = crop_to_shared_vocab(student, teacher.detach(), crop_vocab)
-    check_token_layout(student.shape, teacher.shape)
-    dtype = compute_dtype(student, teacher)
-    weights = flat_token_weights(
-        student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
-    )
+    student, teacher, weights = dense_token_inputs(
+        student, teacher, target, mask, objective, beta, temperature, shift, reduction,
+        ignore_index, crop_vocab,
+    )  # fmt: skip
+    dtype = weights.dtype
     vocab = student.shape[-1]
     with full_precision(student):
         keep = (weights > 0).unsqueeze(-1)

@@ -48,6 +48,7 @@ from kd_lightning.functional.token import (
     check_token_layout,
     check_token_options,
     check_vocab_sizes,
+    dense_token_inputs,
     effective_objective,
     flat_token_weights,
     scaled_rows,
@@ -156,6 +157,36 @@ def _row_spans(count: int, chunk: int):
     return ((start, min(start + chunk, count)) for start in range(0, count, chunk))
 
 
+def _logit_chunks(student, teacher, weights, objective, temperature, chunk):
+    """``(start, stop, w, log q, log p)`` per chunk of rows of ``(N, V)`` logits and weights."""
+    for start, stop in _row_spans(student.shape[0], chunk):
+        w = weights[start:stop]
+        keep = (w > 0).unsqueeze(-1)
+        log_q, log_p = chunk_log_probs(
+            student[start:stop], teacher[start:stop], keep, temperature, weights.dtype, objective
+        )
+        yield start, stop, w, log_q, log_p
+
+
+def _function_options(
+    objective: str,
+    beta: float,
+    temperature: float,
+    scale_by_t2: bool,
+    chunk_size: int | None,
+    tokens: int,
+    vocab: int,
+) -> tuple[str, float, float, float, int]:
+    """The autograd functions' last arguments: ``(objective, beta, T, scale, chunk)``.
+
+    ``objective`` resolved by ``effective_objective``, ``scale`` :math:`T^2` (or 1) and ``chunk``
+    the tokens per chunk (:func:`chunk_rows`, which checks ``chunk_size``).
+    """
+    chunk = chunk_rows(chunk_size, tokens, vocab)
+    scale = temperature**2 if scale_by_t2 else 1.0
+    return effective_objective(objective, beta), float(beta), float(temperature), scale, chunk
+
+
 class _ChunkedTokenDivergence(torch.autograd.Function):
     """Loss over ``(N, V)`` logits, chunk by chunk; backward recomputes each chunk."""
 
@@ -163,17 +194,8 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
     def forward(ctx, student, teacher, weights, objective, beta, temperature, scale, chunk):
         dtype = weights.dtype
         total = torch.zeros((), dtype=dtype, device=student.device)
-        for start, stop in _row_spans(student.shape[0], chunk):
-            w = weights[start:stop]
-            keep = (w > 0).unsqueeze(-1)
-            log_q, log_p = chunk_log_probs(
-                student[start:stop],
-                teacher[start:stop],
-                keep,
-                temperature,
-                dtype,
-                objective,
-            )
+        chunks = _logit_chunks(student, teacher, weights, objective, temperature, chunk)
+        for _, _, w, log_q, log_p in chunks:
             rows, _ = divergence_rows_and_grad(log_q, log_p, objective, beta, need_grad=False)
             total += (rows * w).sum()
         ctx.save_for_backward(student, teacher, weights)
@@ -189,17 +211,8 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
         grad = torch.empty_like(student)
         factor = grad_output.to(dtype) * (scale / temperature)
         with full_precision(student):
-            for start, stop in _row_spans(student.shape[0], chunk):
-                w = weights[start:stop]
-                keep = (w > 0).unsqueeze(-1)
-                log_q, log_p = chunk_log_probs(
-                    student[start:stop],
-                    teacher[start:stop],
-                    keep,
-                    temperature,
-                    dtype,
-                    objective,
-                )
+            chunks = _logit_chunks(student, teacher, weights, objective, temperature, chunk)
+            for start, stop, w, log_q, log_p in chunks:
                 _, row_grad = divergence_rows_and_grad(log_q, log_p, objective, beta)
                 grad[start:stop] = row_grad.mul_((w * factor).unsqueeze(-1))
         return grad, None, None, None, None, None, None, None
@@ -310,26 +323,17 @@ def chunked_token_divergence(
     the flattened ``(N, V)`` logits) per chunk, by default :func:`default_chunk_rows`. Peak extra
     memory: a few ``(chunk_size, V)`` buffers plus the student logits' gradient.
     """
-    check_token_options(objective, beta, temperature, reduction)
-    size = check_vocab_sizes(student.shape[-1], teacher.shape[-1], crop_vocab)
-    student, teacher = student[..., :size], teacher.detach()[..., :size]
-    check_token_layout(student.shape, teacher.shape)
-    dtype = compute_dtype(student, teacher)
-    weights = flat_token_weights(
-        student.shape[:-1], target, mask, shift, reduction, ignore_index, student.device, dtype
+    student, teacher, weights = dense_token_inputs(
+        student, teacher, target, mask, objective, beta, temperature, shift, reduction,
+        ignore_index, crop_vocab,
+    )  # fmt: skip
+    size = student.shape[-1]
+    options = _function_options(
+        objective, beta, temperature, scale_by_t2, chunk_size, weights.numel(), size
     )
-    chunk = chunk_rows(chunk_size, weights.numel(), size)
-    scale = temperature**2 if scale_by_t2 else 1.0
     with full_precision(student):
         return _ChunkedTokenDivergence.apply(
-            student.reshape(-1, size),
-            teacher.reshape(-1, size),
-            weights,
-            effective_objective(objective, beta),
-            float(beta),
-            float(temperature),
-            scale,
-            chunk,
+            student.reshape(-1, size), teacher.reshape(-1, size), weights, *options
         )
 
 
@@ -403,8 +407,9 @@ def fused_linear_token_divergence(
         student_hidden.shape[:-1], target, mask, shift, reduction, ignore_index,
         student_hidden.device, dtype,
     )  # fmt: skip
-    chunk = chunk_rows(chunk_size, weights.numel(), size)
-    scale = temperature**2 if scale_by_t2 else 1.0
+    options = _function_options(
+        objective, beta, temperature, scale_by_t2, chunk_size, weights.numel(), size
+    )
     return _FusedLinearTokenDivergence.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]),
         student_weight,
@@ -413,11 +418,7 @@ def fused_linear_token_divergence(
         teacher_weight,
         teacher_bias,
         weights,
-        effective_objective(objective, beta),
-        float(beta),
-        float(temperature),
-        scale,
-        chunk,
+        *options,
     )
 
 

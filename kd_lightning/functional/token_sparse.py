@@ -50,6 +50,7 @@ import math
 import torch
 
 from kd_lightning.functional._precision import compute_dtype, full_precision
+from kd_lightning.functional._shapes import check_topk_pair
 from kd_lightning.functional.token import (
     TOKEN_IGNORE_INDEX,
     check_token_options,
@@ -77,20 +78,18 @@ def check_topk_knowledge(
             entries than vocabulary, or a k other than ``topk`` (when given); each naming both
             sides and the fix.
     """
-    if values.shape != indices.shape or values.dim() < 1:
-        raise ValueError(
-            "Sparse token loss: teacher top-k values and indices must have the same shape "
-            f"(..., k); got {tuple(values.shape)} and {tuple(indices.shape)}. Pass the "
-            "(values, indices) pair of one top-k teacher cache (LossTerm teacher: topk)."
-        )
-    if student.shape[:-1] != values.shape[:-1]:
-        raise ValueError(
-            f"Sparse token loss: student logits {tuple(student.shape)} and teacher top-k values "
-            f"{tuple(values.shape)} must have the same (B, L) / (N,) token layout. A cache of "
-            "one output per sample (granularity: sample) cannot teach per-token logits: build "
-            "the cache with granularity: token."
-        )
-    k, vocab = values.shape[-1], student.shape[-1]
+    k = check_topk_pair(
+        student,
+        values,
+        indices,
+        "Sparse token loss",
+        names="teacher top-k values and indices",
+        source="teacher cache (LossTerm teacher: topk).",
+        layout="have the same (B, L) / (N,) token layout. A cache of one output per sample "
+        "(granularity: sample) cannot teach per-token logits: build the cache with "
+        "granularity: token.",
+    )
+    vocab = student.shape[-1]
     if topk is not None and k != topk:
         raise ValueError(
             f"Sparse token loss: the teacher cache holds the top-{k} entries per token but the "

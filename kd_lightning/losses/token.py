@@ -32,8 +32,60 @@ from kd_lightning.functional.token_chunked import (
 from kd_lightning.models.spec import records_init_args
 
 
+class _TokenLoss(nn.Module):
+    """The options every token-level loss module stores, checked once by ``check_token_options``.
+
+    ``objective``, ``beta``, ``temperature``, ``scale_by_t2``, ``shift``, ``reduction`` and
+    ``ignore_index`` as in :class:`TokenDistillationLoss` (the dense loss) and
+    :class:`~kd_lightning.losses.SparseTokenDistillationLoss` (the top-k one), which extend it.
+    """
+
+    uses_teacher = True
+    _OPTIONS = (
+        "objective",
+        "beta",
+        "temperature",
+        "scale_by_t2",
+        "shift",
+        "reduction",
+        "ignore_index",
+    )
+
+    def __init__(
+        self,
+        objective: str,
+        beta: float,
+        temperature: float,
+        scale_by_t2: bool,
+        shift: bool,
+        reduction: str,
+        ignore_index: int,
+    ) -> None:
+        super().__init__()
+        check_token_options(objective, beta, temperature, reduction)
+        self.objective = objective
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.scale_by_t2 = bool(scale_by_t2)
+        self.shift = bool(shift)
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+
+    def options(self) -> dict:
+        """The keyword arguments shared by the functional forms (the names in ``_OPTIONS``)."""
+        return {name: getattr(self, name) for name in self._OPTIONS}
+
+    def _describe(self, before_shift: str = "", end: str = "") -> str:
+        """The ``extra_repr`` of the shared options, with a subclass's own ones spliced in."""
+        beta = f", beta={self.beta}" if self.objective == "jsd" else ""
+        return (
+            f"objective={self.objective!r}{beta}, temperature={self.temperature}, "
+            f"{before_shift}shift={self.shift}, reduction={self.reduction!r}{end}"
+        )
+
+
 @records_init_args
-class TokenDistillationLoss(nn.Module):
+class TokenDistillationLoss(_TokenLoss):
     r"""Per-token divergence between teacher and student next-token distributions.
 
     .. math:: \mathcal{L} = T^2 \sum_{b,t} w_{b,t}\, D\big(\mathrm{softmax}(v_{b,t}/T),
@@ -63,7 +115,7 @@ class TokenDistillationLoss(nn.Module):
     ``mask`` ``(B, L)`` / ``(N,)``. Returns a float32 scalar (float64 for float64 inputs).
     """
 
-    uses_teacher = True
+    _OPTIONS = (*_TokenLoss._OPTIONS, "crop_vocab")
 
     def __init__(
         self,
@@ -77,30 +129,9 @@ class TokenDistillationLoss(nn.Module):
         crop_vocab: bool = False,
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        check_token_options(objective, beta, temperature, reduction)
-        self.objective = objective
-        self.beta = float(beta)
-        self.temperature = float(temperature)
-        self.scale_by_t2 = bool(scale_by_t2)
-        self.shift = bool(shift)
-        self.reduction = reduction
-        self.ignore_index = int(ignore_index)
+        super().__init__(objective, beta, temperature, scale_by_t2, shift, reduction, ignore_index)
         self.crop_vocab = bool(crop_vocab)
         self.chunk_size = check_chunk_size(chunk_size)
-
-    def options(self) -> dict:
-        """The keyword arguments shared by the functional forms."""
-        return dict(
-            objective=self.objective,
-            beta=self.beta,
-            temperature=self.temperature,
-            scale_by_t2=self.scale_by_t2,
-            shift=self.shift,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            crop_vocab=self.crop_vocab,
-        )
 
     def forward(
         self,
@@ -117,11 +148,7 @@ class TokenDistillationLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        beta = f", beta={self.beta}" if self.objective == "jsd" else ""
-        return (
-            f"objective={self.objective!r}{beta}, temperature={self.temperature}, "
-            f"shift={self.shift}, reduction={self.reduction!r}, chunk_size={self.chunk_size}"
-        )
+        return self._describe(end=f", chunk_size={self.chunk_size}")
 
 
 class _OneObjectiveTokenLoss(TokenDistillationLoss):

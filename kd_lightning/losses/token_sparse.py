@@ -11,15 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from kd_lightning.functional.token import TOKEN_IGNORE_INDEX, check_token_options
+from kd_lightning.functional.token import TOKEN_IGNORE_INDEX
 from kd_lightning.functional.token_sparse import sparse_token_divergence
+from kd_lightning.losses.token import _TokenLoss
 from kd_lightning.models.spec import records_init_args
 
 
 @records_init_args
-class SparseTokenDistillationLoss(nn.Module):
+class SparseTokenDistillationLoss(_TokenLoss):
     r"""Per-token divergence between a top-k cached teacher and the student, the tail as one bucket.
 
     .. math:: \mathcal{L} = T^2 \sum_{b,t} w_{b,t}\, D(\tilde p_{b,t}, \tilde q_{b,t})
@@ -34,7 +34,10 @@ class SparseTokenDistillationLoss(nn.Module):
     built with ``granularity: token`` and ``topk``; in an objective use
     ``LossTerm(SparseTokenDistillationLoss(...), teacher="topk")``. At start-up the method
     checks ``temperature`` (and ``topk`` when set) against the cache header: a mismatch fails
-    naming both values.
+    naming both values. A cache built with ``selection: sampled`` holds the frequencies of k
+    draws from the teacher instead (they sum to 1, so the bucket is empty): an unbiased
+    teacher for ``objective="forward_kl"``, the only objective the start-up check accepts with
+    it (Anshumann et al. 2025; :func:`~kd_lightning.functional.sampled_log_probs`).
 
     Args:
         objective: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"total_variation"``.
@@ -51,8 +54,6 @@ class SparseTokenDistillationLoss(nn.Module):
     float32 scalar (float64 for float64 inputs).
     """
 
-    uses_teacher = True
-
     def __init__(
         self,
         objective: str = "forward_kl",
@@ -64,18 +65,10 @@ class SparseTokenDistillationLoss(nn.Module):
         reduction: str = "token",
         ignore_index: int = TOKEN_IGNORE_INDEX,
     ) -> None:
-        super().__init__()
-        check_token_options(objective, beta, temperature, reduction)
+        super().__init__(objective, beta, temperature, scale_by_t2, shift, reduction, ignore_index)
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
             raise ValueError(f"topk must be None (any k) or a positive integer, got {topk!r}.")
-        self.objective = objective
-        self.beta = float(beta)
-        self.temperature = float(temperature)
         self.topk = topk
-        self.scale_by_t2 = bool(scale_by_t2)
-        self.shift = bool(shift)
-        self.reduction = reduction
-        self.ignore_index = int(ignore_index)
 
     def forward(
         self,
@@ -94,24 +87,8 @@ class SparseTokenDistillationLoss(nn.Module):
             )
         values, indices = teacher
         return sparse_token_divergence(
-            student,
-            values,
-            indices,
-            target,
-            mask,
-            objective=self.objective,
-            beta=self.beta,
-            temperature=self.temperature,
-            scale_by_t2=self.scale_by_t2,
-            shift=self.shift,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            topk=self.topk,
+            student, values, indices, target, mask, topk=self.topk, **self.options()
         )
 
     def extra_repr(self) -> str:
-        beta = f", beta={self.beta}" if self.objective == "jsd" else ""
-        return (
-            f"objective={self.objective!r}{beta}, temperature={self.temperature}, "
-            f"topk={self.topk}, shift={self.shift}, reduction={self.reduction!r}"
-        )
+        return self._describe(before_shift=f"topk={self.topk}, ")
