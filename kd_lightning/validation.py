@@ -64,6 +64,29 @@ def within(name: str, value: Any, low: float, high: float, why: str) -> float:
     return value
 
 
+TEMPERATURE_RANGE = (1e-2, 1e4)
+"""Softening temperatures the library accepts. Below 0.01 a logit gap of 1 becomes a factor
+``exp(-100)`` after softening, under float32's smallest number: the softened distribution is
+one-hot (no dark knowledge; sampling from it fails) and a T^2-scaled loss vanishes. Above 1e4
+it is uniform to float32 precision (its high-temperature limit is logit matching)."""
+
+
+def temperature(value: Any, name: str = "temperature") -> float:
+    """A softening temperature in :data:`TEMPERATURE_RANGE` (token losses, teacher caches).
+
+    Raises:
+        TypeError: not a number. ValueError: outside the range, NaN or infinite, saying why.
+    """
+    return within(
+        name,
+        value,
+        *TEMPERATURE_RANGE,
+        "below 0.01 the softened distribution is one-hot in float32 (no dark knowledge is "
+        "left); above 1e4 it is uniform to float32 precision. Use e.g. temperature: 1.0 "
+        "(1-20 are common)",
+    )
+
+
 def non_negative(name: str, value: Any, hint: str = "") -> float:
     """A finite number >= 0 (loss weights).
 

@@ -70,7 +70,7 @@ from kd_lightning.bench.plots import curves_from_results
 from kd_lightning.bench.preflight import PreflightError, preflight
 from kd_lightning.bench.report import summarise, write_report
 from kd_lightning.bench.run import execute_run, quiet_lightning
-from kd_lightning.bench.study_file import Study, StudyError, StudyRun
+from kd_lightning.bench.study_file import Study, StudyError, StudyRun, check_seeds
 from kd_lightning.bench.tracking import StudyTracker, WandbSettings, job_type
 from kd_lightning.cli_errors import EXIT_USAGE, TRACEBACK_ENV, TRACEBACK_FLAG, wants_traceback
 
@@ -216,7 +216,7 @@ def run_study(
     quick_check = quick_check_label(study, seeds, overrides)
     file_seeds = list(study.seeds)
     if seeds is not None:
-        study.seeds = list(seeds)
+        study.seeds = check_seeds(list(seeds), "--seeds")
     if output_dir is not None:
         study.output_dir = Path(output_dir)
     if wandb is not None:

@@ -80,7 +80,16 @@ def _check_str(value: Any, where: str, key: str, optional: bool = False) -> None
         )
 
 
-def _check_seeds(value: Any, where: str) -> list[int]:
+SEED_MAX = 2**32 - 1
+"""The largest seed ``seed_everything`` (numpy's generator) accepts."""
+
+
+def check_seeds(value: Any, where: str) -> list[int]:
+    """A non-empty list of distinct integer seeds in ``[0, SEED_MAX]`` (``None``: ``[0]``).
+
+    Raises:
+        StudyError: naming ``where``, the value and the fix.
+    """
     if value is None:
         return [0]
     example = "seeds: [0, 1, 2]"
@@ -90,7 +99,10 @@ def _check_seeds(value: Any, where: str) -> list[int]:
         _fail(
             where,
             f"`seeds` must be a list of integer seeds, got the number {value}",
-            f"For {value} seeds write `{example}`.",
+            f"For {value} seed{'s' if value > 1 else ''} write `{example}`; for seed {value} "
+            f"alone, `seeds: [{value}]`."
+            if value >= 1
+            else f"For seed {value} alone write `seeds: [{value}]`.",
         )
     ok = isinstance(value, list) and value
     ok = ok and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
@@ -98,6 +110,9 @@ def _check_seeds(value: Any, where: str) -> list[int]:
         _fail(where, f"`seeds` must be a non-empty list of integers, got {value!r}", example)
     if len(set(value)) != len(value):
         _fail(where, f"`seeds` repeats a seed: {value}", "List each seed once.")
+    bad = [s for s in value if not 0 <= s <= SEED_MAX]
+    if bad:
+        _fail(where, f"`seeds` {bad} outside [0, {SEED_MAX}]", "Seeds are 32-bit: e.g. [0, 1, 2].")
     return list(value)
 
 
@@ -233,7 +248,8 @@ def _parse_run(raw: Any, base_dir: Path, source: str) -> list[StudyRun]:
     if "baseline" in raw:
         _check_str(raw["baseline"], where, "baseline", optional=True)
     _check_str(raw.get("job_type"), where, "job_type", optional=True)
-    seeds = _check_seeds(raw["seeds"], where) if "seeds" in raw else None
+    # `seeds:` left empty (None) is the study's seeds, as when the key is absent.
+    seeds = check_seeds(raw["seeds"], where) if raw.get("seeds") is not None else None
     runs = []
     for entry in _expand_grid({**raw, "overrides": overrides, "needs": needs}, where):
         config = entry["config"]
@@ -327,7 +343,7 @@ class Study:
         runs = [run for raw in raw_runs for run in _parse_run(raw, Path(base_dir), source)]
         study = cls(
             name=name,
-            seeds=_check_seeds(spec.get("seeds"), source),
+            seeds=check_seeds(spec.get("seeds"), source),
             output_dir=Path(spec.get("output_dir", f"results/{name}")),
             runs=runs,
             reference_teacher=spec.get("reference_teacher"),

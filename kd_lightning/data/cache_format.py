@@ -186,6 +186,13 @@ class CacheProvenance:
             splits=tuple(s for s in ("train", "val", "test") if s in header["data"]),
         )
 
+    @property
+    def stored(self) -> str:
+        """What a sparse file holds, in words (``top-64 log-probabilities``, ``64 sampled draws``)."""
+        if self.tail == TAILS["sampled"]:
+            return f"{self.topk} sampled draws (selection: sampled)"
+        return f"the top-{self.topk} log-probabilities"
+
     def check_temperature(self, temperature: float, where: str = "the loss") -> None:
         """Refuse a loss temperature other than the one a top-k cache was stored at.
 
@@ -199,7 +206,7 @@ class CacheProvenance:
             return
         if not np.isclose(float(temperature), float(self.temperature), rtol=1e-6, atol=0.0):
             raise TeacherCacheError(
-                f"the teacher cache {self.path} stores top-{self.topk} log-probabilities at "
+                f"the teacher cache {self.path} stores {self.stored} at "
                 f"temperature {self.temperature:g}, but {where} uses temperature "
                 f"{float(temperature):g}: set the loss temperature to {self.temperature:g}, or "
                 f"rebuild the cache with temperature: {float(temperature):g}"
@@ -214,7 +221,7 @@ class CacheProvenance:
         if topk is None or self.kind != "topk" or self.topk is None or int(topk) == self.topk:
             return
         raise TeacherCacheError(
-            f"the teacher cache {self.path} stores the top-{self.topk} log-probabilities per "
+            f"the teacher cache {self.path} stores {self.stored} per "
             f"{self.granularity}, but {where} expects topk={int(topk)}: set the loss's topk to "
             f"{self.topk} (or leave it unset), or rebuild the cache with topk: {int(topk)}"
         )
@@ -318,7 +325,13 @@ def array_layout(
     """
     storage = STORAGE_DTYPES[dtype]
     index_dtype = torch.int16 if classes <= np.iinfo(np.int16).max else torch.int32
-    k = min(topk, classes) if topk else None
+    if topk and topk > classes:  # the header records topk: it must be what the file stores
+        raise TeacherCacheError(
+            f"topk: {topk} is more than the teacher's {classes} outputs per "
+            f"{'token' if lengths is not None else 'sample'}: set topk <= {classes} (topk = "
+            f"{classes} keeps the whole distribution), in the cache and in the loss"
+        )
+    k = topk or None
     arrays: dict[str, tuple] = {}
     for split, data in expected["data"].items():
         rows = data["rows"]

@@ -74,6 +74,7 @@ from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_rep
 from kd_lightning.data.cache_reader import SplitOutputs, sample_keys
 from kd_lightning.data.teacher_source import TeacherSource
 from kd_lightning.digest import module_digest, tensor_digest
+from kd_lightning.validation import temperature as check_temperature
 
 __all__ = [
     "PREAMBLE_SIZE",
@@ -161,8 +162,7 @@ class TeacherCache(TeacherSource):
             raise ValueError(f"on_mismatch must be one of {list(ON_MISMATCH)}, got {on_mismatch!r}")
         if topk is not None and topk < 1:
             raise ValueError(f"topk must be >= 1 (or None for dense logits), got {topk}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = check_temperature(temperature)
         if selection not in TAILS or (selection == "sampled" and topk is None):
             raise ValueError(f"selection must be 'topk' or 'sampled' (set topk), got {selection!r}")
         if granularity not in GRANULARITIES:

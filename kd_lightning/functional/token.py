@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning.functional._precision import compute_dtype, full_precision
+from kd_lightning.validation import temperature as check_temperature
 
 TOKEN_IGNORE_INDEX = -100
 """Label of an ignored token (Hugging Face and PyTorch ``cross_entropy`` convention)."""
@@ -86,8 +87,7 @@ def check_token_options(objective: str, beta: float, temperature: float, reducti
             f"beta must lie in [0, 1], got {beta}: 0 is the forward KL(teacher || student), "
             "1 the reverse KL(student || teacher), 0.5 the symmetric JSD."
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}. Use e.g. temperature: 1.0.")
+    check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
 

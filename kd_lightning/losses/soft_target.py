@@ -16,10 +16,7 @@ from kd_lightning.functional.soft_target import (
     soft_target_kl,
 )
 from kd_lightning.models.spec import records_init_args
-from kd_lightning.validation import positive, within
-
-TEMPERATURE_RANGE = (1e-2, 1e4)
-"""Temperatures :class:`SoftTargetKLLoss` accepts (see its docstring for why)."""
+from kd_lightning.validation import TEMPERATURE_RANGE, positive, within
 
 
 @records_init_args

@@ -77,3 +77,22 @@ def test_a_seed_the_teacher_does_not_train_is_an_error_naming_the_fix(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(StudyError, match="`seeds` must be a list of integer seeds"):
         Study.from_file(tmp_path / "bad.yaml")
+
+
+def test_an_empty_run_seeds_is_the_studys_and_bad_seeds_are_refused(tmp_path):
+    path = _pinned(tmp_path, [0], [0, 1])
+    spec = yaml.safe_load(path.read_text())
+    spec["runs"][0]["seeds"] = None  # `seeds:` left blank
+    path.write_text(yaml.safe_dump(spec))
+    study = Study.from_file(path)
+    assert [p.seed for p in plan_study(study, study.ordered_runs()) if p.run.name == "teacher"] == [
+        0, 1
+    ]  # fmt: skip
+    for bad, match in [([-1], r"outside \[0, 4294967295\]"), ([2**40], "outside"),
+                       ([0, 0], "repeats a seed")]:  # fmt: skip
+        spec["runs"][0]["seeds"] = bad
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(StudyError, match=match):
+            Study.from_file(path)
+        with pytest.raises(StudyError, match=rf"--seeds.*{match}"):
+            run_study(_pinned(tmp_path, [0], [0]), seeds=bad, dry_run=True)

@@ -69,13 +69,14 @@ def _slice(study_file: str, run: str, output: Path, teacher: Path | None = None)
     return result, config
 
 
-def _teacher(output: Path, study_file: str) -> Path:
-    result, _ = _slice(study_file, "teacher", output)
+def _teacher(output: Path, study_file: str, run: str = "teacher") -> Path:
+    result, _ = _slice(study_file, run, output)
     return Path(result["checkpoint"])
 
 
 TEACHER = "experiments/mnist/study_teacher.yaml"
 MAIN = "experiments/mnist/study.yaml"
+FASHION_TEACHER = "experiments/fashion_mnist/study_teacher.yaml"
 OMITTED = {"omit3": [3], "only78": [0, 1, 2, 3, 4, 5, 6, 9]}
 
 
@@ -113,9 +114,20 @@ def test_mnist_temperature_rows_run_one_epoch(run, output):
 
 
 @needs_fashion
+def test_fashion_teacher_candidates_differ_only_in_hidden_dropout(output):
+    configs = {}
+    for dropout in (0.2, 0.3):
+        _, config = _slice(FASHION_TEACHER, f"teacher[dropout={dropout}]", output)
+        model = config["model"]["init_args"]["model"]["init_args"]
+        assert model["dropout"] == dropout and model["input_dropout"] == 0.0
+        configs[dropout] = {**model, "dropout": None}
+    assert configs[0.2] == configs[0.3]
+
+
+@needs_fashion
 @pytest.mark.parametrize("run", ["student_alone", "kd_soft_hard"])
 def test_fashion_study_rows_run_one_epoch(run, output):
-    teacher = _teacher(output, "experiments/fashion_mnist/study_teacher.yaml")
+    teacher = _teacher(output, FASHION_TEACHER, "teacher[dropout=0.2]")
     result, _ = _slice("experiments/fashion_mnist/study.yaml", run, output, teacher)
     assert 0.0 <= result["test_acc"] <= 1.0
 

@@ -79,7 +79,7 @@ def test_topk_values_read_at_another_temperature(tmp_path, caches, temperature):
     model = OfflineDistillation(MLP(hidden_sizes=[8]), loss_terms=terms)
     message = _refused(
         tmp_path, model, DigitsTransferSet(batch_size=32, teacher_cache=caches["topk"]),
-        TeacherCacheError, "stores top-3 log-probabilities at temperature 4",
+        TeacherCacheError, "stores the top-3 log-probabilities at temperature 4",
     )  # fmt: skip
     assert f"loss term 'sparse' uses temperature {temperature:g}" in message
     assert "set the loss temperature to 4" in message and "rebuild the cache" in message

@@ -131,3 +131,44 @@ def test_selection_errors_name_the_fix(tmp_path):
         TeacherCache(str(tmp_path / "a"), teacher=torch.nn.Linear(2, 2), selection="random")
     with pytest.raises(ValueError, match=r"\(set topk\)"):
         TeacherCache(str(tmp_path / "a"), teacher=torch.nn.Linear(2, 2), selection="sampled")
+
+
+def test_topk_above_the_vocabulary_is_refused_at_build_naming_one_number(
+    tokenizer_dir, text_corpus, tmp_path
+):
+    # The header records topk; the file may not hold fewer entries than it says (a loss asking
+    # for the header's k and one asking for the stored k would each be sent to the other).
+    vocab = len(load_tokenizer(tokenizer_dir))
+    for selection in ("topk", "sampled"):
+        cache = _cache(tmp_path / f"{selection}.kdtc", _gpt2(vocab), topk=vocab + 1,
+                       selection=selection)  # fmt: skip
+        with pytest.raises(TeacherCacheError, match=rf"topk: {vocab + 1} is more than the "
+                           rf"teacher's {vocab} outputs per token: set topk <= {vocab}"):  # fmt: skip
+            _causal(tokenizer_dir, text_corpus, cache).prepare_data()
+        assert not (tmp_path / f"{selection}.kdtc").exists()
+
+
+def test_temperatures_outside_the_useful_range_are_refused_by_cache_and_loss(tmp_path):
+    for temperature in (1e-45, 0.0, float("inf"), float("nan"), 2e4):
+        with pytest.raises(ValueError, match="temperature must be"):
+            TeacherCache(str(tmp_path / "a"), teacher=torch.nn.Linear(2, 2), topk=2,
+                         selection="sampled", temperature=temperature)  # fmt: skip
+        with pytest.raises(ValueError, match="temperature must be"):
+            SparseTokenDistillationLoss(temperature=temperature)
+
+
+def test_refusals_on_a_sampled_cache_say_draws(tokenizer_dir, text_corpus, tmp_path):
+    from kd_lightning.methods import OfflineDistillation
+    from kd_lightning.objective import LossTerm
+    from tests.conftest import fast_trainer
+
+    vocab = len(load_tokenizer(tokenizer_dir))
+    data = _causal(tokenizer_dir, text_corpus, _cache(tmp_path / "s.kdtc", _gpt2(vocab),
+                                                      selection="sampled"))  # fmt: skip
+    data.prepare_data()
+    student = HFModel(model_type="gpt2", config=tiny_gpt2_config(vocab), task="causal-lm")
+    loss = SparseTokenDistillationLoss(temperature=1.0)
+    module = OfflineDistillation(student, loss_terms=[LossTerm(loss, teacher="topk", name="kd")])
+    with pytest.raises(TeacherCacheError, match=r"stores 8 sampled draws \(selection: sampled\) "
+                       r"at temperature 2, but loss term 'kd' uses temperature 1"):  # fmt: skip
+        fast_trainer(max_steps=1).fit(module, data)
