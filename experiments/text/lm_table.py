@@ -41,7 +41,8 @@ LABELS = {
     "forward_kl_sampled": "student + forward KL, sampled-64 cache",
 }
 FIELDS = ["run", "label", "seeds", "params", "val_ppl", "val_ppl_sd", "test_ppl", "test_ppl_sd",
-          "test_ppl_vs_alone_pct", "next_token_acc", "agreement_with_teacher", "seconds"]  # fmt: skip
+          "test_ppl_vs_alone_pct", "test_ppl_vs_dense_pct", "next_token_acc",
+          "agreement_with_teacher", "seconds"]  # fmt: skip
 
 
 COMMITTED = HERE / "results" / "lm"
@@ -79,15 +80,18 @@ def rows(study: Path = STUDY) -> list[dict]:
             "params": results[0]["params"], "val_ppl": round(val, 2),
             "val_ppl_sd": None if val_sd is None else round(val_sd, 2), "test_ppl": round(test, 2),
             "test_ppl_sd": None if test_sd is None else round(test_sd, 2),
-            "test_ppl_vs_alone_pct": None,
+            "test_ppl_vs_alone_pct": None, "test_ppl_vs_dense_pct": None,
             "next_token_acc": round(100 * stat("test_acc")[0], 2),
             "agreement_with_teacher": round(100 * statistics.fmean(agreement), 2) if agreement else None,
             "seconds": round(statistics.fmean(r["seconds"] for r in results), 1),
         })  # fmt: skip
     alone = next((r for r in table if r["run"] == "student_alone"), None)
+    dense = next((r for r in table if r["run"] == "forward_kl"), None)
     for row in table:
         if alone is not None and row["run"] not in ("teacher", "student_alone"):
             row["test_ppl_vs_alone_pct"] = round(100 * (row["test_ppl"] / alone["test_ppl"] - 1), 2)
+        if dense is not None and row["run"].startswith("forward_kl_"):  # a cache's teacher
+            row["test_ppl_vs_dense_pct"] = round(100 * (row["test_ppl"] / dense["test_ppl"] - 1), 2)
     return table
 
 
@@ -98,14 +102,16 @@ def _cell(value, fmt: str = "{}") -> str:
 def markdown(table: list[dict]) -> str:
     """The table as Markdown (no ``±``: a sample sd, when there are seeds, has its own column)."""
     sd = any(r["seeds"] > 1 for r in table)
-    head = ["run", "params", "val ppl", "test ppl", "test ppl vs alone", "next-token acc %",
+    head = ["run", "params", "val ppl", "test ppl", "test ppl vs alone",
+            "test ppl vs dense forward KL", "next-token acc %",
             "top-1 agreement with teacher %"]  # fmt: skip
     if sd:
-        head[3:3] = ["test ppl sd"]
+        head[4:4] = ["test ppl sd"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in table:
         cells = [r["label"], f"{int(r['params']):,}", f"{r['val_ppl']:.2f}", f"{r['test_ppl']:.2f}",
-                 _cell(r["test_ppl_vs_alone_pct"], "{:+.2f}%"), f"{r['next_token_acc']:.2f}",
+                 _cell(r["test_ppl_vs_alone_pct"], "{:+.2f}%"),
+                 _cell(r["test_ppl_vs_dense_pct"], "{:+.2f}%"), f"{r['next_token_acc']:.2f}",
                  _cell(r["agreement_with_teacher"], "{:.2f}")]  # fmt: skip
         if sd:
             cells[4:4] = [_cell(r["test_ppl_sd"], "{:.2f}")]
