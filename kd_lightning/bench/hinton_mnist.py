@@ -219,7 +219,9 @@ MAIN_RUNS = ("student_alone", "kd_soft", "kd_soft_hard")
 FASHION_RUNS = ("student_alone", "kd_soft_hard")
 
 
-def collect(mnist: Path, teacher: Path, *optional: Path | None) -> dict[str, Any]:
+def collect(
+    mnist: Path, teacher: Path, *optional: Path | None, fashion_teacher_run: str = "teacher"
+) -> dict[str, Any]:
     """Every figure of the report, as plain data (written to the CSV and JSON).
 
     ``main``/``fashion``: test errors per seed of each row; ``val``/``fashion_val``: their
@@ -244,9 +246,10 @@ def collect(mnist: Path, teacher: Path, *optional: Path | None) -> dict[str, Any
         if any(row.values()):
             data["temperature"][width] = row
     if fashion is not None or fashion_teacher is not None:
-        for folder, run in [(fashion_teacher, "teacher")] + [(fashion, r) for r in FASHION_RUNS]:
-            data["fashion"][run] = _errors_per_seed(folder, run)
-            data["fashion_val"][run] = _val_acc_per_seed(folder, run)
+        rows = [(fashion_teacher, fashion_teacher_run, "teacher")]
+        for folder, run, row in rows + [(fashion, r, r) for r in FASHION_RUNS]:
+            data["fashion"][row] = _errors_per_seed(folder, run)
+            data["fashion_val"][row] = _val_acc_per_seed(folder, run)
     return data
 
 
@@ -467,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--temperature", default="results/mnist-hinton2015-temperature")
     parser.add_argument("--fashion", default="results/fashion-mnist")
     parser.add_argument("--fashion-teacher", default="results/fashion-mnist-teacher")
+    parser.add_argument("--fashion-teacher-run", default="teacher[dropout=0.2]")
     parser.add_argument(
         "--earlier",
         help="an earlier hinton2015.json: rows without a finished run here are taken from it, "
@@ -475,8 +479,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--earlier-note", default="from an earlier report")
     parser.add_argument("--out", default="experiments/mnist/results", help="folder of the tables")
     args = parser.parse_args(argv)
-    folders = [args.temperature, args.fashion, args.fashion_teacher]
-    data = collect(Path(args.mnist), Path(args.teacher), *(_folder(f) for f in folders))
+    folders = [_folder(f) for f in (args.temperature, args.fashion, args.fashion_teacher)]
+    run = args.fashion_teacher_run
+    data = collect(Path(args.mnist), Path(args.teacher), *folders, fashion_teacher_run=run)
     if args.earlier:
         data = carry_earlier(data, json.loads(Path(args.earlier).read_text()), args.earlier_note)
     out = Path(args.out)
@@ -486,9 +491,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "hinton2015.json").write_text(json.dumps(data, indent=2, default=str))
     write_csv(data, out / "hinton2015.csv")
     png = plot(data, out / "hinton2015.png")
-    print(markdown)
     print(
-        "written:", ", ".join(str(out / f) for f in ("hinton2015.md", "hinton2015.csv")), png or ""
+        markdown, "\nwritten:", *(out / f for f in ("hinton2015.md", "hinton2015.csv")), png or ""
     )
 
 
