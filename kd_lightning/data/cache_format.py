@@ -44,6 +44,7 @@ from kd_lightning.container import (
 from kd_lightning.container import read_header as _read_container_header
 from kd_lightning.digest import module_digest
 from kd_lightning.functional.sparse_soft_target import sampled_log_probs, topk_log_probs
+from kd_lightning.validation import temperature as check_temperature
 
 FORMAT = "kd_lightning.teacher_cache"
 FORMAT_VERSION = 2
@@ -266,6 +267,66 @@ class CacheProvenance:
                 "or rebuild the cache from this teacher (delete the file or point "
                 "teacher_cache.path elsewhere)"
             )
+
+
+def check_settings(
+    dtype: str,
+    on_mismatch: str,
+    topk: int | None,
+    temperature: float,
+    selection: str,
+    granularity: str,
+    views: int,
+    seed: int,
+    splits: Any,
+    batch_size: int,
+) -> float:
+    """Check :class:`~kd_lightning.data.TeacherCache`'s settings; return the temperature.
+
+    Raises:
+        ValueError: naming the setting, the value given and the valid choices.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    if on_mismatch not in ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {list(ON_MISMATCH)}, got {on_mismatch!r}")
+    if topk is not None and topk < 1:
+        raise ValueError(f"topk must be >= 1 (or None for dense logits), got {topk}")
+    temperature = check_temperature(temperature)
+    if selection not in TAILS or (selection == "sampled" and topk is None):
+        raise ValueError(f"selection must be 'topk' or 'sampled' (set topk), got {selection!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "token" and topk is None:
+        raise ValueError(
+            "a per-token teacher cache stores the top-k of each token: set topk (e.g. 64; "
+            "dense per-token logits would take tokens x vocabulary values)"
+        )
+    if granularity == "token" and views != 1:
+        raise ValueError(f"a per-token teacher cache stores one view (views: 1), got {views}")
+    if views < 1 or batch_size < 1 or seed < 0:
+        raise ValueError(
+            "views and batch_size must be >= 1 and seed >= 0, got "
+            f"views={views}, batch_size={batch_size}, seed={seed}"
+        )
+    bad = [s for s in splits if s not in ("train", "val", "test")]
+    if bad or not splits:
+        raise ValueError(f"splits must be a non-empty subset of train/val/test, got {splits}")
+    return temperature
+
+
+def check_before_build(source: Any, path: Path, expected: dict[str, Any]) -> None:
+    """Let the method that will read the cache refuse its settings before the teacher pass.
+
+    A data module attached to a Trainer reaches the method (``source.trainer.lightning_module``);
+    a method with ``check_teacher_cache(provenance)`` (every :class:`DistillationModule`) judges
+    the planned file as it would judge the built one, so a refused setting (a temperature or
+    objective the loss cannot read) costs no pass of the teacher over the data.
+    """
+    trainer = getattr(source, "trainer", None)
+    check = getattr(getattr(trainer, "lightning_module", None), "check_teacher_cache", None)
+    if callable(check):
+        check(CacheProvenance.from_header(path, expected))
 
 
 def stored_values(topk: int | None, temperature: float, selection: str = "topk") -> str:

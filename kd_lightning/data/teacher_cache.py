@@ -56,14 +56,13 @@ from kd_lightning.data.batch import normalise_batch
 from kd_lightning.data.cache_format import (
     FORMAT,
     FORMAT_VERSION,
-    GRANULARITIES,
-    ON_MISMATCH,
-    STORAGE_DTYPES,
     TAILS,
     CacheProvenance,
     InvalidCacheFile,
     TeacherCacheError,
     array_layout,
+    check_before_build,
+    check_settings,
     compare_identity,
     read_header,
     sampled_selectors,
@@ -74,7 +73,6 @@ from kd_lightning.data.cache_path_guard import refuse_aliased_inputs, refuse_rep
 from kd_lightning.data.cache_reader import SplitOutputs, sample_keys
 from kd_lightning.data.teacher_source import TeacherSource
 from kd_lightning.digest import module_digest, tensor_digest
-from kd_lightning.validation import temperature as check_temperature
 
 __all__ = [
     "PREAMBLE_SIZE",
@@ -156,38 +154,15 @@ class TeacherCache(TeacherSource):
         device: str | None = None,
         progress: bool = True,
     ) -> None:
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-        if on_mismatch not in ON_MISMATCH:
-            raise ValueError(f"on_mismatch must be one of {list(ON_MISMATCH)}, got {on_mismatch!r}")
-        if topk is not None and topk < 1:
-            raise ValueError(f"topk must be >= 1 (or None for dense logits), got {topk}")
-        temperature = check_temperature(temperature)
-        if selection not in TAILS or (selection == "sampled" and topk is None):
-            raise ValueError(f"selection must be 'topk' or 'sampled' (set topk), got {selection!r}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if granularity == "token" and topk is None:
-            raise ValueError(
-                "a per-token teacher cache stores the top-k of each token: set topk (e.g. 64; "
-                "dense per-token logits would take tokens x vocabulary values)"
-            )
-        if granularity == "token" and views != 1:
-            raise ValueError(f"a per-token teacher cache stores one view (views: 1), got {views}")
-        if views < 1:
-            raise ValueError(f"views must be >= 1, got {views}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        bad = [s for s in splits if s not in ("train", "val", "test")]
-        if bad or not splits:
-            raise ValueError(f"splits must be a non-empty subset of train/val/test, got {splits}")
+        temperature = check_settings(
+            dtype, on_mismatch, topk, temperature, selection, granularity, views, seed, splits,
+            batch_size,
+        )  # fmt: skip
         if teacher_checkpoint is not None and teacher is not None:
             raise ValueError(
                 "give the teacher either as teacher_checkpoint or as teacher, not both (to load a "
                 "checkpoint into your own architecture pass teacher=PretrainedTeacher(path, model))"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         refuse_aliased_inputs(path, teacher_checkpoint, teacher)  # before anything is read
         self.path = Path(path)
         self.teacher_checkpoint = teacher_checkpoint
@@ -290,17 +265,19 @@ class TeacherCache(TeacherSource):
         """
         return CacheProvenance.from_header(self.path, self._header or self.open())
 
-    def ensure(self, source: Any, *, may_build: bool = True) -> dict[str, Any]:
+    def ensure(self, source: Any, *, may_build: bool = True, owner: Any = None) -> dict[str, Any]:
         """Return the header of a valid cache for ``source``, building it if needed and allowed.
 
         Args:
             source: a TransferSetDataModule, any LightningDataModule (set up), or a dict of
                 DataLoaders / map-style datasets by split.
             may_build: whether this process may write the file.
+            owner: the data module it serves (default ``source``): the method of its Trainer
+                may refuse the settings before the teacher runs (``check_before_build``).
 
         Raises:
-            TeacherCacheError: the file is unusable and cannot (or may not) be rebuilt; the
-                message lists what mismatched and how to fix it.
+            TeacherCacheError: the file is unusable and cannot (or may not) be rebuilt, naming
+                what mismatched and the fix; or the owner's method refuses its settings.
         """
         expected = self.expected_identity(source)
         try:
@@ -332,6 +309,7 @@ class TeacherCache(TeacherSource):
                 "0 of each node) builds the cache: call datamodule.prepare_data() before setup(), "
                 "or let the Trainer do it."
             ) from problem
+        check_before_build(source if owner is None else owner, self.path, expected)
         self.build(source, expected)
         return self.check(expected)
 

@@ -181,7 +181,7 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
         Subclasses that download data do so first, then call ``super().prepare_data()``.
         """
         if self.teacher_cache is not None:
-            self.teacher_cache.ensure(self.cache_source())
+            self.teacher_cache.ensure(self.cache_source(), owner=self)
 
     def _build_once(self) -> bool:
         """Build the datasets (and run the label checks) unless built; True when built now."""
@@ -212,7 +212,9 @@ class BaseTransferSetDataModule(L.LightningDataModule, abc.ABC):
         if distributed:
             # prepare_data ran on rank 0 of each node; the others read only what it committed.
             dist.barrier()
-        header = self.teacher_cache.ensure(self.cache_source(), may_build=not distributed)
+        header = self.teacher_cache.ensure(
+            self.cache_source(), may_build=not distributed, owner=self
+        )
         for split, dataset in self.datasets.items():
             dataset.teacher_outputs = self.teacher_cache.outputs(header, split)
 

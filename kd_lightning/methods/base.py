@@ -379,6 +379,12 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
                 )
 
     # ------------------------------------------------------------------ start-up checks
+    def check_teacher_cache(self, provenance: Any) -> None:
+        """Refuse a teacher cache made by another teacher, or stored at a temperature, k or
+        selection the objective cannot read (:func:`~kd_lightning.methods.checks.check_teacher_cache`);
+        a cache also calls it before building, so a refusal costs no teacher pass."""
+        check_teacher_cache(self, provenance)
+
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             check_trainer(self.trainer, stage)
@@ -396,7 +402,7 @@ class DistillationModule(StudentArtifactCheckpoints, L.LightningModule):
             return  # plain DataLoaders: the first batch is checked before the first step
         cache = getattr(datamodule, "teacher_cache", None)
         if cache is not None and hasattr(cache, "provenance"):
-            check_teacher_cache(self, cache.provenance)
+            self.check_teacher_cache(cache.provenance)
         if stage == "fit" or hasattr(datamodule, "example_batch"):
             # The library's data modules check whole splits at set-up and give 2 samples; any
             # other's whole first training batch is the example (what its loader yields before

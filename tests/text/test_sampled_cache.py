@@ -104,6 +104,14 @@ def test_objectives_the_draws_cannot_estimate_are_refused_before_any_step(
     from tests.conftest import fast_trainer
 
     vocab = len(load_tokenizer(tokenizer_dir))
+    # Before the file exists: refused before the teacher runs, and nothing is written.
+    fresh = _cache(tmp_path / "fresh.kdtc", _gpt2(vocab), selection="sampled")
+    student = HFModel(model_type="gpt2", config=tiny_gpt2_config(vocab), task="causal-lm")
+    loss = SparseTokenDistillationLoss(objective="reverse_kl", temperature=2.0)
+    module = OfflineDistillation(student, loss_terms=[LossTerm(loss, teacher="topk")])
+    with pytest.raises(TeacherCacheError, match="uses reverse_kl: use objective: forward_kl"):
+        fast_trainer(max_steps=1).fit(module, _causal(tokenizer_dir, text_corpus, fresh))
+    assert not fresh.path.exists() and not list(tmp_path.glob(".fresh*"))
     cache = _cache(tmp_path / "s.kdtc", _gpt2(vocab), selection="sampled")
     data = _causal(tokenizer_dir, text_corpus, cache)
     data.prepare_data()
