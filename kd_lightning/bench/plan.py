@@ -115,8 +115,12 @@ def digest(value: Any) -> str:
 
 # --------------------------------------------------------------------------- the plan
 def run_seeds(study: Study, run: StudyRun) -> list[int]:
-    """The seeds ``run`` trains: its own ``seeds``, else the study's."""
-    return list(run.seeds) if run.seeds is not None else list(study.seeds)
+    """The seeds ``run`` trains: the study's (``--seeds`` when given); for a run with its own
+    ``seeds``, those of them the study runs now, or all of them when it runs none (a teacher
+    trained once, e.g. ``seeds: [0]``, still serves ``--seeds 1``)."""
+    if run.seeds is None:
+        return list(study.seeds)
+    return [s for s in run.seeds if s in study.seeds] or list(run.seeds)
 
 
 def dependency_seed(dep_seeds: Sequence[int], seed: int, run: str, dep: str) -> int:
@@ -193,10 +197,12 @@ def plan_study(
     by_key: dict[tuple[str, int], PlannedRun] = {}
     used: set[str] = set()
     seeds = {run.name: run_seeds(study, run) for run in runs}
+    # A dependency serves by the seeds it declares: one declared seed serves every seed.
+    declared = {run.name: run.seeds or list(study.seeds) for run in runs}
     for run, seed in ((r, s) for r in runs for s in seeds[r.name]):
         base_dir = study.output_dir / "runs" / run.name
         dep_seeds = {
-            dep: dependency_seed(seeds[dep], seed, run.name, dep) for dep in run.needs.values()
+            dep: dependency_seed(declared[dep], seed, run.name, dep) for dep in run.needs.values()
         }
         deps = {dep: by_key[(dep, s)].run_dir / CHECKPOINT_NAME for dep, s in dep_seeds.items()}
         config = resolve_config(study, run, seed, base_dir / f"seed{seed}", deps)

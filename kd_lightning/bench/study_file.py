@@ -24,9 +24,10 @@ A study file (YAML)::
           T: {key: model.init_args.loss_terms.0.init_args.loss.init_args.temperature, values: [2, 4]}
 
 ``needs`` maps a config key to another run whose final checkpoint (same seed) is put there, so
-teachers are trained first. A run may list its own ``seeds`` (they replace the study's and
-``--seeds`` for that run): a teacher with ``seeds: [0]`` is trained once and serves every seed
-of the runs that need it (each student seed varies the student, not the teacher). Every field is checked when the file is read: a wrong type
+teachers are trained first. A run may list its own ``seeds``: it trains those of them the study
+runs (its ``seeds`` or ``--seeds``), or all of them when the study runs none; a teacher with
+``seeds: [0]`` is trained once and serves every seed of the runs that need it (each student seed
+varies the student, not the teacher). Every field is checked when the file is read: a wrong type
 (``seeds: 3`` instead of ``seeds: [0, 1, 2]``), an unknown key, a missing run or a cycle is an
 error that names the fix, before anything is built.
 """

@@ -96,3 +96,10 @@ def test_an_empty_run_seeds_is_the_studys_and_bad_seeds_are_refused(tmp_path):
             Study.from_file(path)
         with pytest.raises(StudyError, match=rf"--seeds.*{match}"):
             run_study(_pinned(tmp_path, [0], [0]), seeds=bad, dry_run=True)
+
+
+def test_seeds_restrict_a_run_with_its_own_seeds_to_those_that_run_now(tmp_path):
+    study = Study.from_file(_pinned(tmp_path, [0, 1], [0, 1]))
+    study.seeds = [0]  # as --seeds 0 sets it
+    plan = plan_study(study, study.ordered_runs())
+    assert [(p.run.name, p.seed) for p in plan if p.run.name == "teacher"] == [("teacher", 0)]
