@@ -114,29 +114,42 @@ def digest(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- the plan
-def run_seeds(study: Study, run: StudyRun) -> list[int]:
-    """The seeds ``run`` trains: the study's (``--seeds`` when given); for a run with its own
-    ``seeds``, those of them the study runs now, or all of them when it runs none (a teacher
-    trained once, e.g. ``seeds: [0]``, still serves ``--seeds 1``)."""
-    if run.seeds is None:
-        return list(study.seeds)
-    return [s for s in run.seeds if s in study.seeds] or list(run.seeds)
+def dependency_seed(declared: Sequence[int] | None, seed: int, run: str, dep: str) -> int:
+    """The seed of ``dep`` that seed ``seed`` of ``run`` uses.
 
-
-def dependency_seed(dep_seeds: Sequence[int], seed: int, run: str, dep: str) -> int:
-    """The seed of ``dep`` that seed ``seed`` of ``run`` uses: the same seed, or its only one.
+    ``declared``: the seeds ``dep`` lists itself (``None``: it follows the runs that need it,
+    seed for seed). A dependency that lists one seed serves every seed; one that lists several
+    serves those seeds only.
 
     Raises:
-        StudyError: ``dep`` trains several seeds but not ``seed``.
+        StudyError: ``dep`` lists several seeds but not ``seed``.
     """
-    if seed in dep_seeds:
+    if declared is None or seed in declared:
         return seed
-    if len(dep_seeds) == 1:
-        return dep_seeds[0]
+    if len(declared) == 1:
+        return declared[0]
     raise StudyError(
-        f"run {run!r} (seed {seed}) needs {dep!r}, which trains seeds {list(dep_seeds)}: give "
+        f"run {run!r} (seed {seed}) needs {dep!r}, which trains seeds {list(declared)}: give "
         f"{dep!r} seed {seed} too, or one seed (seeds: [0]) that serves every seed"
     )
+
+
+def planned_seeds(study: Study, runs: Sequence[StudyRun]) -> dict[str, list[int]]:
+    """The seeds each run trains now, ``runs`` in dependency order.
+
+    A run trains the study's seeds (``--seeds`` when given); a run with its own ``seeds`` those
+    of them the study runs, or all of them when it runs none. A dependency also trains every seed
+    that a planned run needs from it (:func:`dependency_seed`), and only what is needed is added.
+    """
+    by_name = {run.name: run for run in runs}
+    seeds = {run.name: {s for s in (run.seeds or study.seeds) if s in study.seeds} for run in runs}
+    for run in reversed(runs):  # every run after the runs that need it
+        if not seeds[run.name]:
+            seeds[run.name] = set(run.seeds or study.seeds)
+        for seed in seeds[run.name]:
+            for dep in run.needs.values():
+                seeds[dep].add(dependency_seed(by_name[dep].seeds, seed, run.name, dep))
+    return {name: sorted(chosen) for name, chosen in seeds.items()}
 
 
 @dataclass
@@ -196,9 +209,8 @@ def plan_study(
     planned: list[PlannedRun] = []
     by_key: dict[tuple[str, int], PlannedRun] = {}
     used: set[str] = set()
-    seeds = {run.name: run_seeds(study, run) for run in runs}
-    # A dependency serves by the seeds it declares: one declared seed serves every seed.
-    declared = {run.name: run.seeds or list(study.seeds) for run in runs}
+    seeds = planned_seeds(study, runs)
+    declared = {run.name: run.seeds for run in runs}
     for run, seed in ((r, s) for r in runs for s in seeds[r.name]):
         base_dir = study.output_dir / "runs" / run.name
         dep_seeds = {

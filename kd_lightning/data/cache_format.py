@@ -326,7 +326,13 @@ def check_before_build(source: Any, path: Path, expected: dict[str, Any]) -> Non
     trainer = getattr(source, "trainer", None)
     check = getattr(getattr(trainer, "lightning_module", None), "check_teacher_cache", None)
     if callable(check):
-        check(CacheProvenance.from_header(path, expected))
+        try:
+            check(CacheProvenance.from_header(path, expected))
+        except TeacherCacheError as refused:  # it speaks of the file as built: say it is not
+            raise TeacherCacheError(
+                f"{refused} (judged on the cache's settings before building it; nothing was "
+                f"built, and any file at {path} is as it was)"
+            ) from None
 
 
 def stored_values(topk: int | None, temperature: float, selection: str = "topk") -> str:

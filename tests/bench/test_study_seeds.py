@@ -103,3 +103,32 @@ def test_seeds_restrict_a_run_with_its_own_seeds_to_those_that_run_now(tmp_path)
     study.seeds = [0]  # as --seeds 0 sets it
     plan = plan_study(study, study.ordered_runs())
     assert [(p.run.name, p.seed) for p in plan if p.run.name == "teacher"] == [("teacher", 0)]
+
+
+def _pairs(study: Study) -> dict[str, list[tuple[int, int]]]:
+    """Per run, its planned (seed, teacher seed) pairs."""
+    pairs: dict[str, list[tuple[int, int]]] = {}
+    for item in plan_study(study, study.ordered_runs()):
+        pairs.setdefault(item.run.name, []).append((item.seed, item.dep_seeds.get("teacher", -1)))
+    return pairs
+
+
+def test_a_dependency_trains_every_seed_a_planned_run_needs_and_no_other(tmp_path):
+    path = _study_file(tmp_path, seeds=[0, 1, 2])
+    spec = yaml.safe_load(path.read_text())
+    spec["runs"] = [spec["runs"][0], spec["runs"][2]]  # teacher, hinton_kd
+    spec["baseline"], spec["reference_teacher"] = None, None
+    # The student lists seeds the study does not run now: it trains them all, seed for seed.
+    spec["runs"][1]["seeds"] = [0, 1]
+    path.write_text(yaml.safe_dump(spec))
+    study = Study.from_file(path)
+    study.seeds = [2]  # --seeds 2
+    assert _pairs(study) == {"teacher": [(0, -1), (1, -1), (2, -1)],
+                             "hinton_kd": [(0, 0), (1, 1)]}  # fmt: skip
+    # A teacher of several seeds, none of them run now: only the one the student needs.
+    spec["runs"][0]["seeds"], spec["runs"][1]["seeds"] = [0, 1], [0]
+    path.write_text(yaml.safe_dump(spec))
+    for cli, teacher in (([1], [(0, -1), (1, -1)]), ([2], [(0, -1)])):
+        study = Study.from_file(path)
+        study.seeds = cli
+        assert _pairs(study) == {"teacher": teacher, "hinton_kd": [(0, 0)]}, cli
