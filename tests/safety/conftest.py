@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from kd_lightning.cli import main
@@ -26,6 +27,36 @@ TINY = [
 MLP_MODEL = (
     "--model.init_args.model={class_path: kd_lightning.models.MLP, init_args: {hidden_sizes: [8]}}"
 )
+
+
+TINY_STUDY = {
+    "trainer.max_epochs": 1, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1,
+}  # fmt: skip
+"""Overrides that make a digits study run a few steps."""
+
+
+def refused_third_run(tmp_path: Path, third: dict) -> str:
+    """The preflight refusal of a 3-run digits study whose third run has overrides ``third``.
+
+    Checks what every such refusal must leave: no checkpoint and no result written.
+    """
+    from kd_lightning.bench.preflight import PreflightError
+    from kd_lightning.bench.study import run_study
+
+    alone = str(DIGITS / "student_alone.yaml")
+    runs = [
+        {"name": "first", "config": alone, "overrides": TINY_STUDY},
+        {"name": "second", "config": alone, "overrides": {**TINY_STUDY, "trainer.max_epochs": 2}},
+        {"name": "third", "config": alone, "overrides": {**TINY_STUDY, **third}},
+    ]
+    spec = {"name": "late", "seeds": [0], "output_dir": str(tmp_path / "out"), "runs": runs}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(PreflightError) as error:
+        run_study(path, echo=False)
+    out = tmp_path / "out"
+    assert not list(out.rglob("*.ckpt")) and not list(out.rglob("result.json"))
+    return str(error.value)
 
 
 def trainer(tmp_path: Path, **kwargs) -> L.Trainer:

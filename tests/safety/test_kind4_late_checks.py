@@ -4,19 +4,14 @@ before the first one trains."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 from torch.utils.data import TensorDataset
 
-from kd_lightning.bench.preflight import PreflightError
-from kd_lightning.bench.study import run_study
 from kd_lightning.data import DatasetTransferSet, DigitsTransferSet
 from kd_lightning.methods import Supervised
 from kd_lightning.models import MLP
-from tests.safety.conftest import DIGITS, trainer, unchanged, weights
+from tests.safety.conftest import refused_third_run, trainer, unchanged, weights
 
 X, Y = DigitsTransferSet().raw_split("val")  # (N, 1, 8, 8), (N,)
 
@@ -75,10 +70,6 @@ def test_an_optimizer_that_cannot_be_built_fails_with_the_data_checks(tmp_path, 
         model.check_example(data.example_batch())  # what a study's preflight calls
 
 
-TINY = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1}
-ALONE = str(DIGITS / "student_alone.yaml")
-
-
 @pytest.mark.parametrize(
     ("bad", "sentence"),
     [
@@ -89,18 +80,6 @@ ALONE = str(DIGITS / "student_alone.yaml")
     ids=["optimizer", "data argument", "every class omitted"],
 )
 def test_a_bad_third_run_stops_the_study_before_the_first_trains(tmp_path, bad, sentence):
-    runs = [
-        {"name": "first", "config": ALONE, "overrides": TINY},
-        {"name": "second", "config": ALONE, "overrides": {**TINY, "trainer.max_epochs": 2}},
-        {"name": "third", "config": ALONE, "overrides": {**TINY, **bad}},
-    ]
-    spec = {"name": "late", "seeds": [0], "output_dir": str(tmp_path / "out"), "runs": runs}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(PreflightError) as error:
-        run_study(path, echo=False)
-    message = str(error.value)
+    message = refused_third_run(tmp_path, bad)
     assert "'third'" in message and sentence in message and "nothing has trained" in message
     assert "'first'" not in message and "'second'" not in message
-    assert not list(Path(tmp_path / "out").rglob("*.ckpt"))
-    assert not list(Path(tmp_path / "out").rglob("result.json"))

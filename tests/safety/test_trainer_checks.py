@@ -5,20 +5,16 @@ one set of checks that a fit's start-up and a study's preflight share."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from kd_lightning.bench.preflight import PreflightError
-from kd_lightning.bench.study import run_study
 from kd_lightning.callbacks.monitor_check import UnknownMonitor
 from kd_lightning.data import DigitsTransferSet
 from kd_lightning.methods import Supervised
 from kd_lightning.models import MLP
-from tests.safety.conftest import DIGITS, trainer, unchanged, weights
+from tests.safety.conftest import refused_third_run, trainer, unchanged, weights
 
 
 def _fit(tmp_path, module=None, **trainer_kwargs):
@@ -130,10 +126,6 @@ def test_names_the_run_logs_pass(tmp_path, monitor, extra):
     run()
 
 
-TINY = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1}
-ALONE = str(DIGITS / "student_alone.yaml")
-
-
 @pytest.mark.parametrize(
     ("bad", "sentence"),
     [
@@ -147,20 +139,9 @@ ALONE = str(DIGITS / "student_alone.yaml")
 def test_a_study_refuses_a_bad_trainer_setting_of_its_third_run_before_the_first_trains(
     tmp_path, bad, sentence
 ):
-    runs = [
-        {"name": "first", "config": ALONE, "overrides": TINY},
-        {"name": "second", "config": ALONE, "overrides": {**TINY, "trainer.max_epochs": 2}},
-        {"name": "third", "config": ALONE, "overrides": {**TINY, **bad}},
-    ]
-    spec = {"name": "late", "seeds": [0], "output_dir": str(tmp_path / "out"), "runs": runs}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(PreflightError) as error:
-        run_study(path, echo=False)
-    message = str(error.value)
+    message = refused_third_run(tmp_path, bad)
     assert "'third'" in message and sentence in message and "nothing has trained" in message
     assert "'first'" not in message and "'second'" not in message
-    assert not list(Path(tmp_path / "out").rglob("*.ckpt"))
 
 
 ES = "lightning.pytorch.callbacks.EarlyStopping"
@@ -179,17 +160,6 @@ ES = "lightning.pytorch.callbacks.EarlyStopping"
 def test_a_study_refuses_a_monitor_of_its_third_run_that_is_never_logged(
     tmp_path, callback, nearest
 ):
-    runs = [
-        {"name": "first", "config": ALONE, "overrides": TINY},
-        {"name": "second", "config": ALONE, "overrides": {**TINY, "trainer.max_epochs": 2}},
-        {"name": "third", "config": ALONE, "overrides": {**TINY, "trainer.callbacks": [callback]}},
-    ]
-    spec = {"name": "late", "seeds": [0], "output_dir": str(tmp_path / "out"), "runs": runs}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(PreflightError) as error:
-        run_study(path, echo=False)
-    message = str(error.value)
+    message = refused_third_run(tmp_path, {"trainer.callbacks": [callback]})
     assert "'third'" in message and "which this run never logs" in message
     assert f"nearest: [{nearest}" in message and "'first'" not in message
-    assert not list(Path(tmp_path / "out").rglob("*.ckpt"))
